@@ -1,0 +1,122 @@
+//! The redb tables behind the store: blob records, manifests and model names.
+
+use mesh_proto::{Hash, Manifest, ModelRef};
+use redb::{ReadableTable, TableDefinition};
+
+use super::{BlobRecord, StoreError};
+
+/// Blob hash -> postcard [`BlobRecord`].
+const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
+/// Model id -> canonical manifest bytes.
+const MODELS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("models");
+/// Model name -> model id (the latest manifest added or fetched under that name).
+const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
+
+/// Creates the tables so read transactions never meet a missing one.
+pub(super) fn init(db: &redb::Database) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    tx.open_table(BLOBS).map_err(redb::Error::from)?;
+    tx.open_table(MODELS).map_err(redb::Error::from)?;
+    tx.open_table(NAMES).map_err(redb::Error::from)?;
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+pub(super) fn blob(db: &redb::Database, hash: Hash) -> Result<Option<BlobRecord>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = tx.open_table(BLOBS).map_err(redb::Error::from)?;
+    let Some(bytes) = table
+        .get(hash.as_bytes().as_slice())
+        .map_err(redb::Error::from)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(postcard::from_bytes(bytes.value())?))
+}
+
+/// Writes a blob record; redb makes the commit durable before this returns.
+pub(super) fn put_blob(
+    db: &redb::Database,
+    hash: Hash,
+    record: &BlobRecord,
+) -> Result<(), StoreError> {
+    let bytes = postcard::to_allocvec(record)?;
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut table = tx.open_table(BLOBS).map_err(redb::Error::from)?;
+        table
+            .insert(hash.as_bytes().as_slice(), bytes.as_slice())
+            .map_err(redb::Error::from)?;
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+pub(super) fn remove_blob(db: &redb::Database, hash: Hash) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut table = tx.open_table(BLOBS).map_err(redb::Error::from)?;
+        table
+            .remove(hash.as_bytes().as_slice())
+            .map_err(redb::Error::from)?;
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+pub(super) fn insert_manifest(db: &redb::Database, manifest: &Manifest) -> Result<(), StoreError> {
+    let id = manifest.id();
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut models = tx.open_table(MODELS).map_err(redb::Error::from)?;
+        models
+            .insert(id.as_bytes().as_slice(), manifest.encode().as_slice())
+            .map_err(redb::Error::from)?;
+        let mut names = tx.open_table(NAMES).map_err(redb::Error::from)?;
+        names
+            .insert(manifest.name(), id.as_bytes().as_slice())
+            .map_err(redb::Error::from)?;
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+pub(super) fn manifest(
+    db: &redb::Database,
+    model: &ModelRef,
+) -> Result<Option<Manifest>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let id = match model {
+        ModelRef::Id(id) => *id,
+        ModelRef::Name(name) => {
+            let names = tx.open_table(NAMES).map_err(redb::Error::from)?;
+            let Some(id) = names.get(name.as_str()).map_err(redb::Error::from)? else {
+                return Ok(None);
+            };
+            let bytes: [u8; 32] = id
+                .value()
+                .try_into()
+                .map_err(|_| postcard::Error::DeserializeUnexpectedEnd)?;
+            Hash::from(bytes)
+        }
+    };
+    let models = tx.open_table(MODELS).map_err(redb::Error::from)?;
+    let Some(bytes) = models
+        .get(id.as_bytes().as_slice())
+        .map_err(redb::Error::from)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Manifest::decode(bytes.value())?))
+}
+
+pub(super) fn manifests(db: &redb::Database) -> Result<Vec<Manifest>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let models = tx.open_table(MODELS).map_err(redb::Error::from)?;
+    let mut out = Vec::new();
+    for entry in models.iter().map_err(redb::Error::from)? {
+        let (_, bytes) = entry.map_err(redb::Error::from)?;
+        out.push(Manifest::decode(bytes.value())?);
+    }
+    Ok(out)
+}

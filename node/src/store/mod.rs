@@ -1,0 +1,422 @@
+//! The store: one folder holding blobs, their bao-tree outboards, partial downloads and a redb
+//! metadata database. It is the only module that touches those files.
+//!
+//! # Layout of `MESH_HOME`
+//! - `meta.redb`: blob records, manifests and names ([`db`]).
+//! - `blobs/<hash>.data`: fetched blobs. Blobs added with `mesh add` stay where they are and are
+//!   served in place; their record holds the path, size and mtime seen when they were hashed.
+//! - `blobs/<hash>.obao`: the post-order outboard (parent hashes above 16 KiB chunk groups) of
+//!   every complete blob, on disk so multi-GB files don't need it in RAM.
+//! - `partial/<hash>.{data,obao}`: downloads in progress ([`partial`]).
+//! - `identity.key`: the node's ed25519 key (PKCS#8), readable by the owner only.
+//!
+//! # Concurrency
+//! [`Store`] is a cheap handle. Every method blocks (file I/O, hashing, redb commits): async code
+//! calls it from `spawn_blocking`. redb serialises write transactions itself, so the store
+//! needs no actor; the only lock is the map of live partial blobs.
+
+mod db;
+mod import;
+mod partial;
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, Weak},
+    time::SystemTime,
+};
+
+use bao_tree::{io::outboard::PostOrderOutboard, BaoTree, ChunkRanges};
+use mesh_proto::{wire::ModelSummary, Hash, Manifest, ManifestError, ModelRef};
+use positioned_io::RandomAccessFile;
+use serde::{Deserialize, Serialize};
+
+pub use self::import::AddProgress;
+pub use self::partial::PartialBlob;
+use crate::ranges;
+
+/// The chunk group size of every outboard: 16 KiB.
+pub const BLOCK_SIZE: bao_tree::BlockSize = bao_tree::BlockSize::from_chunk_log(4);
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process (usually a running `mesh node`) has the database open.
+    #[error("the store at {0} is in use by another mesh process")]
+    Locked(PathBuf),
+    /// The metadata database failed.
+    #[error("store database: {0}")]
+    Db(#[from] redb::Error),
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A record in the database does not decode.
+    #[error("corrupt store record: {0}")]
+    Record(#[from] postcard::Error),
+    /// A manifest was rejected.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The store has no complete copy of the blob.
+    #[error("blob {0} is not in the store")]
+    NotFound(Hash),
+    /// A file served in place changed since it was hashed; it is no longer served.
+    #[error("{0} changed on disk since it was added; run `mesh add` again to re-hash it")]
+    SourceChanged(PathBuf),
+    /// A path given to `mesh add` has nothing to add.
+    #[error("{0}: nothing to add (no regular files)")]
+    Empty(PathBuf),
+}
+
+impl StoreError {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Where a complete blob's bytes live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Location {
+    /// `blobs/<hash>.data` in the store.
+    Store,
+    /// A file added in place.
+    External(PathBuf),
+}
+
+/// What the store knows about one blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum BlobRecord {
+    /// Every byte is present and was verified.
+    Complete {
+        /// Length in bytes.
+        size: u64,
+        /// Where the bytes are.
+        location: Location,
+        /// The data file's mtime when it was verified, as (seconds, nanoseconds) since the epoch.
+        mtime: (u64, u32),
+    },
+    /// A download in progress; `have` lists verified chunks that are durably on disk.
+    Partial {
+        /// Length in bytes.
+        size: u64,
+        /// Verified chunk spans (`[start, end)` pairs).
+        have: Vec<(u64, u64)>,
+    },
+}
+
+/// How much of a blob the store holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlobStatus {
+    /// All of it.
+    Complete,
+    /// These verified chunks.
+    Partial(ChunkRanges),
+    /// None of it.
+    Missing,
+}
+
+/// An open blob to serve: data, outboard and the chunks that may be read.
+#[derive(Debug)]
+pub struct BlobReader {
+    /// The blob's bytes (possibly only partly present).
+    pub data: RandomAccessFile,
+    /// Its outboard.
+    pub outboard: PostOrderOutboard<RandomAccessFile>,
+    /// The verified chunks; only these may be encoded.
+    pub have: ChunkRanges,
+}
+
+/// A handle to the store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// `MESH_HOME`.
+    home: PathBuf,
+    /// The metadata database.
+    db: redb::Database,
+    /// Partial blobs being written, so concurrent fetches of one blob share one writer.
+    /// A std mutex: it is held only for map lookups, never across I/O or `.await`.
+    partials: Mutex<HashMap<Hash, Weak<PartialBlob>>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `home`.
+    pub fn open(home: &Path) -> Result<Self, StoreError> {
+        for dir in [home.to_path_buf(), home.join("blobs"), home.join("partial")] {
+            fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
+        }
+        let db_path = home.join("meta.redb");
+        let db = match redb::Database::create(&db_path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked(home.to_path_buf()))
+            }
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                if e.kind() == io::ErrorKind::WouldBlock =>
+            {
+                return Err(StoreError::Locked(home.to_path_buf()))
+            }
+            Err(e) => return Err(redb::Error::from(e).into()),
+        };
+        db::init(&db)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                home: home.to_path_buf(),
+                db,
+                partials: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The store folder.
+    pub fn home(&self) -> &Path {
+        &self.inner.home
+    }
+
+    /// The node's identity key (PKCS#8 DER), created on first use.
+    pub fn identity_key(&self) -> Result<Vec<u8>, StoreError> {
+        let path = self.inner.home.join("identity.key");
+        match fs::read(&path) {
+            Ok(der) => return Ok(der),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(&path)(e)),
+        }
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .expect("ed25519 key generation does not fail");
+        let der = key.serialize_der();
+        write_private(&path, &der).map_err(StoreError::io(&path))?;
+        Ok(der)
+    }
+
+    /// Hashes a file or folder and records it as a model served in place. See [`import`].
+    pub fn add_path(
+        &self,
+        path: &Path,
+        name: Option<String>,
+        progress: &mut dyn FnMut(AddProgress),
+    ) -> Result<Manifest, StoreError> {
+        import::add_path(self, path, name, progress)
+    }
+
+    /// Records a manifest and points its name at it.
+    pub fn insert_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        db::insert_manifest(&self.inner.db, manifest)
+    }
+
+    /// The manifest for a model id or name, if known here.
+    pub fn manifest(&self, model: &ModelRef) -> Result<Option<Manifest>, StoreError> {
+        db::manifest(&self.inner.db, model)
+    }
+
+    /// Every known model, with whether all its blobs are complete.
+    pub fn models(&self) -> Result<Vec<ModelSummary>, StoreError> {
+        let mut out = Vec::new();
+        for manifest in db::manifests(&self.inner.db)? {
+            let mut complete = true;
+            for file in manifest.files() {
+                complete &= self.status(file.hash, file.size)? == BlobStatus::Complete;
+            }
+            out.push(ModelSummary {
+                id: manifest.id(),
+                name: manifest.name().to_string(),
+                size: manifest.total_size(),
+                complete,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// How much of a blob is here. A live partial's in-memory state counts.
+    pub fn status(&self, hash: Hash, size: u64) -> Result<BlobStatus, StoreError> {
+        if size == 0 {
+            // The empty blob is always complete: there is nothing to fetch or verify.
+            return Ok(BlobStatus::Complete);
+        }
+        if let Some(partial) = self.live_partial(hash) {
+            return Ok(BlobStatus::Partial(partial.have()));
+        }
+        Ok(match db::blob(&self.inner.db, hash)? {
+            Some(BlobRecord::Complete { .. }) => BlobStatus::Complete,
+            Some(BlobRecord::Partial { have, .. }) => {
+                BlobStatus::Partial(ranges_from_pairs(&have, size))
+            }
+            None => BlobStatus::Missing,
+        })
+    }
+
+    /// The path of a complete blob's bytes, after checking the file is unchanged.
+    pub fn data_path(&self, hash: Hash) -> Result<PathBuf, StoreError> {
+        match db::blob(&self.inner.db, hash)? {
+            Some(BlobRecord::Complete {
+                size,
+                location,
+                mtime,
+            }) => {
+                let path = self.location_path(hash, &location);
+                self.check_unchanged(hash, &path, size, mtime)?;
+                Ok(path)
+            }
+            _ => Err(StoreError::NotFound(hash)),
+        }
+    }
+
+    /// Opens a blob for serving: complete blobs after the size/mtime check, or the verified
+    /// part of a partial one.
+    pub fn open_reader(&self, hash: Hash) -> Result<BlobReader, StoreError> {
+        if let Some(partial) = self.live_partial(hash) {
+            return partial.reader();
+        }
+        self.open_reader_complete(hash)
+    }
+
+    fn open_reader_complete(&self, hash: Hash) -> Result<BlobReader, StoreError> {
+        let Some(BlobRecord::Complete {
+            size,
+            location,
+            mtime,
+        }) = db::blob(&self.inner.db, hash)?
+        else {
+            return Err(StoreError::NotFound(hash));
+        };
+        let path = self.location_path(hash, &location);
+        self.check_unchanged(hash, &path, size, mtime)?;
+        let data = RandomAccessFile::open(&path).map_err(StoreError::io(&path))?;
+        let ob_path = self.outboard_path(hash);
+        let outboard = RandomAccessFile::open(&ob_path).map_err(StoreError::io(&ob_path))?;
+        Ok(BlobReader {
+            data,
+            outboard: PostOrderOutboard {
+                root: hash.into(),
+                tree: BaoTree::new(size, BLOCK_SIZE),
+                data: outboard,
+            },
+            have: ranges::all_chunks(size),
+        })
+    }
+
+    /// Drops a complete blob whose bytes no longer match (changed on disk or failed
+    /// verification while being served), so it is never served again.
+    pub fn forget_blob(&self, hash: Hash) -> Result<(), StoreError> {
+        tracing::warn!(hash = %hash.fmt_short(), "blob failed its checks: no longer served");
+        db::remove_blob(&self.inner.db, hash)
+    }
+
+    /// The writer for a partial blob, shared by everyone fetching it. Fails if it is complete.
+    pub fn partial(&self, hash: Hash, size: u64) -> Result<Arc<PartialBlob>, StoreError> {
+        // The lock is held across the open so two fetchers can't both create a writer.
+        let mut partials = self.inner.partials.lock().expect("partials lock poisoned");
+        if let Some(live) = partials.get(&hash).and_then(Weak::upgrade) {
+            return Ok(live);
+        }
+        let have = match db::blob(&self.inner.db, hash)? {
+            Some(BlobRecord::Partial { have, .. }) => ranges_from_pairs(&have, size),
+            _ => ChunkRanges::empty(),
+        };
+        let partial = Arc::new(PartialBlob::open(self.clone(), hash, size, have)?);
+        partials.insert(hash, Arc::downgrade(&partial));
+        Ok(partial)
+    }
+
+    fn live_partial(&self, hash: Hash) -> Option<Arc<PartialBlob>> {
+        let partials = self.inner.partials.lock().expect("partials lock poisoned");
+        partials.get(&hash).and_then(Weak::upgrade)
+    }
+
+    fn location_path(&self, hash: Hash, location: &Location) -> PathBuf {
+        match location {
+            Location::Store => self.blob_path(hash, "data"),
+            Location::External(path) => path.clone(),
+        }
+    }
+
+    fn check_unchanged(
+        &self,
+        hash: Hash,
+        path: &Path,
+        size: u64,
+        mtime: (u64, u32),
+    ) -> Result<(), StoreError> {
+        let unchanged = match fs::metadata(path) {
+            Ok(meta) => meta.len() == size && mtime_of(&meta) == mtime,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(StoreError::io(path)(e)),
+        };
+        if unchanged {
+            Ok(())
+        } else {
+            self.forget_blob(hash)?;
+            Err(StoreError::SourceChanged(path.to_path_buf()))
+        }
+    }
+
+    fn blob_path(&self, hash: Hash, ext: &str) -> PathBuf {
+        self.inner.home.join("blobs").join(format!("{hash}.{ext}"))
+    }
+
+    fn outboard_path(&self, hash: Hash) -> PathBuf {
+        self.blob_path(hash, "obao")
+    }
+
+    fn partial_path(&self, hash: Hash, ext: &str) -> PathBuf {
+        self.inner.home.join("partial").join(format!("{hash}.{ext}"))
+    }
+}
+
+/// Seconds and nanoseconds since the epoch of a file's mtime (zero if the platform has none).
+fn mtime_of(meta: &fs::Metadata) -> (u64, u32) {
+    let since = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    (since.as_secs(), since.subsec_nanos())
+}
+
+fn ranges_from_pairs(pairs: &[(u64, u64)], size: u64) -> ChunkRanges {
+    let mut out = ChunkRanges::empty();
+    for &(start, end) in pairs {
+        out |= ChunkRanges::from(bao_tree::ChunkNum(start)..bao_tree::ChunkNum(end));
+    }
+    out & ranges::all_chunks(size)
+}
+
+fn pairs_from_ranges(ranges: &ChunkRanges) -> Vec<(u64, u64)> {
+    ranges
+        .boundaries()
+        .chunks(2)
+        .filter(|pair| pair.len() == 2)
+        .map(|pair| (pair[0].0, pair[1].0))
+        .collect()
+}
+
+/// Writes a file only its owner can read, durably.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests;
