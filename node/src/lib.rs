@@ -1,5 +1,21 @@
-//! The mesh node as a library.
+//! The mesh node as a library: everything `mesh` does is a call into this crate.
+//!
+//! # Layout
+//! - [`store`]: blobs, outboards, partial downloads and the redb metadata database.
+//! - [`net`]: the QUIC endpoint, TLS identities and the mesh-key handshake.
+//! - [`transfer`]: serving range requests ([`transfer::provider`]) and fetching them
+//!   ([`transfer::get`]), both verified with bao-tree.
+//! - [`fetch`]: the `mesh fetch` pipeline: resolve, schedule segments across peers, materialize.
+//! - [`node`]: the long-running node that wires these together; [`api`]: its local HTTP API.
+//! - [`metrics`]: counters; [`ranges`]: chunk range helpers; [`config`]: the TOML config file.
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod config;
+pub mod fetch;
+pub mod metrics;
+pub mod net;
+pub mod node;
 pub mod ranges;
 pub mod store;
+pub mod transfer;

@@ -58,7 +58,10 @@ mod tests {
         let spans = to_spans(&ranges, size);
         assert_eq!(
             spans.spans(),
-            &[ChunkSpan { start: 2, end: 4 }, ChunkSpan { start: 8, end: 11 }]
+            &[
+                ChunkSpan { start: 2, end: 4 },
+                ChunkSpan { start: 8, end: 11 }
+            ]
         );
         assert_eq!(from_spans(&spans, size), &ranges & &all_chunks(size));
         assert_eq!(byte_len(&ranges, size), 2 * 1024 + 2 * 1024 + 1);

@@ -347,7 +347,13 @@ mod tests {
         ] {
             assert!(bad.parse::<RelPath>().is_err(), "{bad:?} was accepted");
         }
-        for good in ["a", "a/b.safetensors", "text_encoder/model-00001.bin", "..a", "a..b"] {
+        for good in [
+            "a",
+            "a/b.safetensors",
+            "text_encoder/model-00001.bin",
+            "..a",
+            "a..b",
+        ] {
             assert!(good.parse::<RelPath>().is_ok(), "{good:?} was rejected");
         }
     }
@@ -355,7 +361,11 @@ mod tests {
     #[test]
     fn decode_rejects_hostile_paths_smuggled_past_the_constructor() {
         // A peer can send any bytes: build the manifest by hand, bypassing `RelPath`'s checks.
-        for bad in ["../../etc/cron.d/x", "/root/.ssh/authorized_keys", "a/../../b"] {
+        for bad in [
+            "../../etc/cron.d/x",
+            "/root/.ssh/authorized_keys",
+            "a/../../b",
+        ] {
             let manifest = Manifest {
                 name: "evil".into(),
                 source: Source::Local,
@@ -410,7 +420,10 @@ mod tests {
     #[test]
     fn model_ref_parses_ids_and_names() {
         let id = Hash::of(b"x");
-        assert_eq!(id.to_string().parse::<ModelRef>().unwrap(), ModelRef::Id(id));
+        assert_eq!(
+            id.to_string().parse::<ModelRef>().unwrap(),
+            ModelRef::Id(id)
+        );
         assert_eq!(
             "sd3.5_large".parse::<ModelRef>().unwrap(),
             ModelRef::Name("sd3.5_large".into())

@@ -301,7 +301,12 @@ mod tests {
         assert!(verify_proof(Some("k"), &ex, Role::Dialer, &p));
         assert!(!verify_proof(Some("other"), &ex, Role::Dialer, &p));
         assert!(!verify_proof(None, &ex, Role::Dialer, &p));
-        assert!(!verify_proof(Some("k"), &[8u8; EXPORTER_BYTES], Role::Dialer, &p));
+        assert!(!verify_proof(
+            Some("k"),
+            &[8u8; EXPORTER_BYTES],
+            Role::Dialer,
+            &p
+        ));
         assert!(!verify_proof(Some("k"), &ex, Role::Listener, &p));
         let open = membership_proof(None, &ex, Role::Listener);
         assert!(verify_proof(None, &ex, Role::Listener, &open));

@@ -136,8 +136,10 @@ fn add_file(store: &Store, path: &Path) -> Result<(Hash, u64), StoreError> {
     }
     outboard.sync_all().map_err(StoreError::io(&tmp))?;
     if size > 0 {
-        let already = matches!(db::blob(&store.inner.db, hash)?, Some(BlobRecord::Complete { .. }))
-            && store.data_path(hash).is_ok();
+        let already = matches!(
+            db::blob(&store.inner.db, hash)?,
+            Some(BlobRecord::Complete { .. })
+        ) && store.data_path(hash).is_ok();
         if !already {
             let ob_path = store.outboard_path(hash);
             fs::rename(&tmp, &ob_path).map_err(StoreError::io(&ob_path))?;
@@ -220,7 +222,8 @@ impl Subtree<'_> {
         let (l, r) = rayon::join(|| left.hash(false), || right.hash(false));
         let (l, r) = (l?, r?);
         let own_index = self.pair_index + Self::pair_count(self.len) - 1;
-        self.outboard.write_all_at(&join_pair(&l, &r), own_index * 64)?;
+        self.outboard
+            .write_all_at(&join_pair(&l, &r), own_index * 64)?;
         Ok(merge(&l, &r, is_root))
     }
 

@@ -372,8 +372,20 @@ impl Store {
     }
 
     fn partial_path(&self, hash: Hash, ext: &str) -> PathBuf {
-        self.inner.home.join("partial").join(format!("{hash}.{ext}"))
+        self.inner
+            .home
+            .join("partial")
+            .join(format!("{hash}.{ext}"))
     }
+}
+
+/// Runs blocking store work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("store task panicked")
 }
 
 /// Seconds and nanoseconds since the epoch of a file's mtime (zero if the platform has none).
@@ -404,7 +416,7 @@ fn pairs_from_ranges(ranges: &ChunkRanges) -> Vec<(u64, u64)> {
 }
 
 /// Writes a file only its owner can read, durably.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let tmp = path.with_extension("tmp");
     let mut file = fs::OpenOptions::new()

@@ -12,7 +12,17 @@ use mesh_proto::{Hash, ModelRef};
 use super::*;
 
 /// Sizes around the chunk (1 KiB) and chunk group (16 KiB) boundaries, and several groups.
-const SIZES: [u64; 9] = [0, 1, 1024, 1025, 16383, 16384, 16385, 3 << 20, (16 << 20) + 7];
+const SIZES: [u64; 9] = [
+    0,
+    1,
+    1024,
+    1025,
+    16383,
+    16384,
+    16385,
+    3 << 20,
+    (16 << 20) + 7,
+];
 
 fn data_of(size: u64) -> Vec<u8> {
     (0..size).map(|i| (i * 31 % 251) as u8).collect()
@@ -42,7 +52,11 @@ fn parallel_outboard_matches_bao_tree() {
         .unwrap();
         assert_eq!(hash, Hash::from(root), "root, size {size}");
         assert_eq!(hash, Hash::of(&data), "blake3, size {size}");
-        assert_eq!(fs::read(&ob_path).unwrap(), expected, "outboard, size {size}");
+        assert_eq!(
+            fs::read(&ob_path).unwrap(),
+            expected,
+            "outboard, size {size}"
+        );
     }
 }
 
@@ -63,7 +77,10 @@ fn add_serves_in_place_and_notices_changes() {
     let paths: Vec<_> = manifest.files().iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, ["a.bin", "empty", "sub/b.bin"]);
     assert_eq!(
-        store.manifest(&ModelRef::Name("m".into())).unwrap().unwrap(),
+        store
+            .manifest(&ModelRef::Name("m".into()))
+            .unwrap()
+            .unwrap(),
         manifest
     );
     let models = store.models().unwrap();
@@ -71,17 +88,29 @@ fn add_serves_in_place_and_notices_changes() {
     assert!(models[0].complete);
     // Served in place: no copy under blobs/.
     let a = &manifest.files()[0];
-    assert_eq!(store.data_path(a.hash).unwrap(), src.path().join("a.bin").canonicalize().unwrap());
+    assert_eq!(
+        store.data_path(a.hash).unwrap(),
+        src.path().join("a.bin").canonicalize().unwrap()
+    );
     assert!(!home.path().join(format!("blobs/{}.data", a.hash)).exists());
     store.open_reader(a.hash).unwrap();
 
     // Same size, new bytes, new mtime: refused, and forgotten for good.
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let mut f = fs::OpenOptions::new().write(true).open(src.path().join("a.bin")).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(src.path().join("a.bin"))
+        .unwrap();
     f.write_all(b"tampered").unwrap();
     drop(f);
-    assert!(matches!(store.open_reader(a.hash), Err(StoreError::SourceChanged(_))));
-    assert!(matches!(store.open_reader(a.hash), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.open_reader(a.hash),
+        Err(StoreError::SourceChanged(_))
+    ));
+    assert!(matches!(
+        store.open_reader(a.hash),
+        Err(StoreError::NotFound(_))
+    ));
     assert_eq!(store.status(a.hash, a.size).unwrap(), BlobStatus::Missing);
 }
 
@@ -114,7 +143,10 @@ fn partial_blob_takes_verified_ranges_and_resumes() {
     {
         let dst = Store::open(dst_home.path()).unwrap();
         transfer(&dst, first_half.clone());
-        assert_eq!(dst.status(hash, size).unwrap(), BlobStatus::Partial(first_half.clone()));
+        assert_eq!(
+            dst.status(hash, size).unwrap(),
+            BlobStatus::Partial(first_half.clone())
+        );
     }
     // A new process sees what was checkpointed and fetches only the rest.
     let dst = Store::open(dst_home.path()).unwrap();
@@ -128,8 +160,13 @@ fn partial_blob_takes_verified_ranges_and_resumes() {
     // The fetched copy can itself be served, with an outboard that validates.
     let reader = dst.open_reader(hash).unwrap();
     let mut out = Vec::new();
-    encode_ranges_validated(&reader.data, &reader.outboard, &ranges::all_chunks(size), &mut out)
-        .unwrap();
+    encode_ranges_validated(
+        &reader.data,
+        &reader.outboard,
+        &ranges::all_chunks(size),
+        &mut out,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -170,5 +207,8 @@ fn corrupt_bytes_never_reach_a_partial_blob() {
 fn second_open_of_a_store_reports_it_locked() {
     let home = tempfile::tempdir().unwrap();
     let _first = Store::open(home.path()).unwrap();
-    assert!(matches!(Store::open(home.path()), Err(StoreError::Locked(_))));
+    assert!(matches!(
+        Store::open(home.path()),
+        Err(StoreError::Locked(_))
+    ));
 }

@@ -1,0 +1,75 @@
+//! Node counters, shared by the provider, the fetcher and the local API (Prometheus text).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Monotonic counters. Cheap to bump from any thread.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Blob data bytes sent to peers (bao leaves, not framing).
+    pub bytes_sent: AtomicU64,
+    /// Blob data bytes received from peers and verified.
+    pub bytes_received: AtomicU64,
+    /// Range requests served.
+    pub requests_served: AtomicU64,
+    /// Connections refused for a wrong mesh key.
+    pub auth_failures: AtomicU64,
+    /// Blobs found corrupt or changed while serving them.
+    pub source_corrupt: AtomicU64,
+    /// Pieces from peers that failed verification.
+    pub verify_failures: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters as (name, help, value).
+    pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            (
+                "mesh_bytes_sent_total",
+                "Blob bytes sent to peers.",
+                get(&self.bytes_sent),
+            ),
+            (
+                "mesh_bytes_received_total",
+                "Verified blob bytes received from peers.",
+                get(&self.bytes_received),
+            ),
+            (
+                "mesh_requests_served_total",
+                "Range requests served.",
+                get(&self.requests_served),
+            ),
+            (
+                "mesh_auth_failures_total",
+                "Connections refused for a wrong mesh key.",
+                get(&self.auth_failures),
+            ),
+            (
+                "mesh_source_corrupt_total",
+                "Blobs that failed verification while being served.",
+                get(&self.source_corrupt),
+            ),
+            (
+                "mesh_verify_failures_total",
+                "Received pieces that failed verification.",
+                get(&self.verify_failures),
+            ),
+        ]
+    }
+
+    /// Prometheus text exposition.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for (name, help, value) in self.snapshot() {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+}

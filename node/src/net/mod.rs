@@ -1,0 +1,314 @@
+//! The QUIC endpoint and the membership handshake every connection starts with.
+//!
+//! [`Net`] owns one quinn endpoint that both dials and accepts. [`Net::connect`] returns a
+//! connection only after both sides proved they hold the same mesh key; [`Net::authenticate`]
+//! is the accepting side of that. Frame helpers for the request streams live here too.
+
+mod tls;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use mesh_proto::wire::{
+    self, decode_body, encode_frame, frame_len, Hello, Role, CLOSE_AUTH_FAILED, CLOSE_PROTOCOL,
+    EXPORTER_BYTES, EXPORTER_LABEL,
+};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// How long a dial (QUIC handshake plus membership proof) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alive interval; with [`IDLE_TIMEOUT`] it bounds how long a dead peer goes unnoticed.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A connection with no traffic (not even keep-alives) for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent request streams a peer may open on one connection.
+const MAX_STREAMS: u32 = 1024;
+/// Per-stream receive window: enough for one stream to fill a 10 Gbit link at 1 ms RTT.
+const STREAM_WINDOW: u32 = 8 << 20;
+/// Per-connection receive and send windows.
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// No answer within [`CONNECT_TIMEOUT`].
+    #[error("peer {0} is unreachable (no answer in 5 s)")]
+    Unreachable(SocketAddr),
+    /// The peer does not hold our mesh key (or we don't hold its).
+    #[error("peer {0} refused us: wrong mesh key (set the same MESH_KEY on both nodes)")]
+    WrongKey(SocketAddr),
+    /// QUIC or TLS failed.
+    #[error("peer {addr}: {source}")]
+    Connection {
+        /// The peer.
+        addr: SocketAddr,
+        /// The error.
+        source: quinn::ConnectionError,
+    },
+    /// The peer broke the handshake protocol.
+    #[error("peer {addr}: protocol error: {why}")]
+    Protocol {
+        /// The peer.
+        addr: SocketAddr,
+        /// What went wrong.
+        why: String,
+    },
+}
+
+/// Why a stream frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// Reading failed (including a stream the peer reset).
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    /// Writing failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The frame was malformed or too large.
+    #[error(transparent)]
+    Frame(#[from] wire::FrameError),
+    /// The stream was already finished.
+    #[error("stream closed")]
+    Closed,
+}
+
+/// Failed endpoint set-up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// TLS configuration (usually a bad identity key).
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    /// Binding the UDP socket.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// One QUIC endpoint for dialing and (optionally) accepting, and the mesh key it proves.
+#[derive(Clone, Debug)]
+pub struct Net {
+    endpoint: quinn::Endpoint,
+    mesh_key: Option<Arc<str>>,
+}
+
+impl Net {
+    /// Binds the endpoint. With `accept` false it only dials.
+    pub fn bind(
+        addr: SocketAddr,
+        key_der: &[u8],
+        mesh_key: Option<String>,
+        accept: bool,
+    ) -> Result<Self, BindError> {
+        let tls = tls::configs(key_der)?;
+        let transport = Arc::new(transport_config());
+        let quic_client = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(quic_client));
+        client.transport_config(transport.clone());
+        let socket =
+            std::net::UdpSocket::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
+        let server = if accept {
+            let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server)
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+            server.transport_config(transport);
+            Some(server)
+        } else {
+            None
+        };
+        let runtime = quinn::default_runtime().expect("called inside a tokio runtime");
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+                .map_err(|source| BindError::Bind { addr, source })?;
+        endpoint.set_default_client_config(client);
+        Ok(Self {
+            endpoint,
+            mesh_key: mesh_key.map(Arc::from),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
+    /// The underlying endpoint, for accepting.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// Dials `addr` and runs the membership handshake.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection, ConnectError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_impl(addr)).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectError::Unreachable(addr)),
+        }
+    }
+
+    async fn connect_impl(&self, addr: SocketAddr) -> Result<quinn::Connection, ConnectError> {
+        let connecting =
+            self.endpoint
+                .connect(addr, "mesh")
+                .map_err(|e| ConnectError::Protocol {
+                    addr,
+                    why: e.to_string(),
+                })?;
+        let conn = connecting
+            .await
+            .map_err(|source| map_conn_error(addr, source))?;
+        let protocol = |why: String| ConnectError::Protocol { addr, why };
+        let exporter = exporter(&conn).map_err(|_| protocol("no TLS exporter".into()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|source| map_conn_error(addr, source))?;
+        let hello = Hello {
+            version: wire::VERSION,
+            proof: wire::membership_proof(self.mesh_key.as_deref(), &exporter, Role::Dialer),
+        };
+        let reply: Result<Hello, StreamError> = async {
+            write_frame(&mut send, &hello).await?;
+            send.finish().map_err(|_| StreamError::Closed)?;
+            read_frame(&mut recv).await
+        }
+        .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                if let Some(reason) = conn.close_reason() {
+                    return Err(map_conn_error(addr, reason));
+                }
+                return Err(protocol(e.to_string()));
+            }
+        };
+        if !wire::verify_proof(
+            self.mesh_key.as_deref(),
+            &exporter,
+            Role::Listener,
+            &reply.proof,
+        ) {
+            conn.close(CLOSE_AUTH_FAILED.into(), b"wrong mesh key");
+            return Err(ConnectError::WrongKey(addr));
+        }
+        Ok(conn)
+    }
+
+    /// The accepting side of the handshake: reads the dialer's proof and answers with ours, or
+    /// closes the connection. No request is read before this succeeds.
+    pub async fn authenticate(&self, conn: &quinn::Connection) -> Result<(), ConnectError> {
+        let addr = conn.remote_address();
+        let protocol = |why: String| ConnectError::Protocol { addr, why };
+        let run = async {
+            let exporter = exporter(conn).map_err(|_| protocol("no TLS exporter".into()))?;
+            let (mut send, mut recv) = conn
+                .accept_bi()
+                .await
+                .map_err(|source| map_conn_error(addr, source))?;
+            let hello: Hello = read_frame(&mut recv)
+                .await
+                .map_err(|e| protocol(e.to_string()))?;
+            if !wire::verify_proof(
+                self.mesh_key.as_deref(),
+                &exporter,
+                Role::Dialer,
+                &hello.proof,
+            ) {
+                conn.close(CLOSE_AUTH_FAILED.into(), b"wrong mesh key");
+                return Err(ConnectError::WrongKey(addr));
+            }
+            let reply = Hello {
+                version: wire::VERSION,
+                proof: wire::membership_proof(self.mesh_key.as_deref(), &exporter, Role::Listener),
+            };
+            write_frame(&mut send, &reply)
+                .await
+                .map_err(|e| protocol(e.to_string()))?;
+            send.finish().map_err(|e| protocol(e.to_string()))?;
+            Ok(())
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                if matches!(e, ConnectError::Protocol { .. }) {
+                    conn.close(CLOSE_PROTOCOL.into(), b"bad handshake");
+                }
+                Err(e)
+            }
+            Err(_) => {
+                conn.close(CLOSE_PROTOCOL.into(), b"handshake timeout");
+                Err(ConnectError::Unreachable(addr))
+            }
+        }
+    }
+
+    /// Closes every connection with `code` and waits until the peers were told.
+    pub async fn close(&self, code: u32) {
+        self.endpoint.close(code.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut config = quinn::TransportConfig::default();
+    config
+        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        .send_window(CONNECTION_WINDOW.into())
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("idle timeout fits a QUIC varint"),
+        ));
+    config
+}
+
+fn exporter(
+    conn: &quinn::Connection,
+) -> Result<[u8; EXPORTER_BYTES], quinn::crypto::ExportKeyingMaterialError> {
+    let mut out = [0u8; EXPORTER_BYTES];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")?;
+    Ok(out)
+}
+
+fn map_conn_error(addr: SocketAddr, source: quinn::ConnectionError) -> ConnectError {
+    match &source {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == CLOSE_AUTH_FAILED.into() =>
+        {
+            ConnectError::WrongKey(addr)
+        }
+        quinn::ConnectionError::TimedOut => ConnectError::Unreachable(addr),
+        _ => ConnectError::Connection { addr, source },
+    }
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), StreamError> {
+    send.write_all(&encode_frame(msg)).await?;
+    Ok(())
+}
+
+/// Reads one length-prefixed frame, refusing frames over the size limit.
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, StreamError> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await?;
+    let mut body = vec![0u8; frame_len(prefix)?];
+    recv.read_exact(&mut body).await?;
+    Ok(decode_body(&body)?)
+}

@@ -1,0 +1,264 @@
+//! [`Node`]: wires the store, the QUIC endpoint, the provider and the local API together, and
+//! shuts them down as one.
+//!
+//! A running node writes `MESH_HOME/node.json` (its addresses and an API token readable only by
+//! the owner), so `mesh add` and `mesh ls` on the same store go through the node instead of
+//! opening the database it holds.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::{
+    api,
+    metrics::Metrics,
+    net::{BindError, ConnectError, Net},
+    store::{Store, StoreError},
+    transfer::provider::{Provider, RateLimit},
+};
+
+/// The default QUIC (UDP) port peers dial.
+pub const DEFAULT_PORT: u16 = 7341;
+/// The default local API port (127.0.0.1 only).
+pub const DEFAULT_API_PORT: u16 = 7342;
+/// Connections served at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 256;
+
+/// How to run a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The store folder.
+    pub home: PathBuf,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Local HTTP API address; `None` disables it.
+    pub api: Option<SocketAddr>,
+    /// The mesh key; `None` is open mode.
+    pub mesh_key: Option<String>,
+    /// Upload limit in bytes per second.
+    pub max_upload: Option<u64>,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The store failed to open.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The QUIC endpoint failed.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The API could not listen.
+    #[error("cannot serve the local API on {addr}: {source}")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Writing `node.json` failed.
+    #[error("cannot write {path}: {source}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What a running node publishes in `MESH_HOME/node.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node's process id.
+    pub pid: u32,
+    /// Its QUIC address.
+    pub listen: SocketAddr,
+    /// Its local API address.
+    pub api: Option<SocketAddr>,
+    /// Bearer token for the API's mutating calls.
+    pub token: String,
+}
+
+impl NodeInfo {
+    /// The file a node running on `home` publishes.
+    pub fn path(home: &Path) -> PathBuf {
+        home.join("node.json")
+    }
+
+    /// Reads `node.json`, if a node published one.
+    pub fn read(home: &Path) -> Option<Self> {
+        let bytes = std::fs::read(Self::path(home)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    store: Store,
+    net: Net,
+    metrics: Arc<Metrics>,
+    info: NodeInfo,
+    /// Cancelled on shutdown; every task watches it.
+    cancel: CancellationToken,
+    /// The accept loop and the API server.
+    tasks: JoinSet<()>,
+}
+
+impl Node {
+    /// Opens the store, binds QUIC and the API, and starts serving.
+    pub async fn spawn(config: NodeConfig) -> Result<Self, NodeError> {
+        let store = {
+            let home = config.home.clone();
+            crate::store::blocking(move || Store::open(&home)).await?
+        };
+        let key = store.identity_key()?;
+        if config.mesh_key.is_none() {
+            warn!("no mesh key set: running in OPEN mode, any open-mode node on the network can fetch from this one (set MESH_KEY)");
+        }
+        let net = Net::bind(config.listen, &key, config.mesh_key.clone(), true)?;
+        let metrics = Arc::new(Metrics::default());
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let provider = Provider {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            upload_limit: config.max_upload.map(|rate| Arc::new(RateLimit::new(rate))),
+        };
+        tasks.spawn(
+            accept_loop(net.clone(), provider, metrics.clone(), cancel.clone()).in_current_span(),
+        );
+        let token = hex::encode(rand::random::<[u8; 16]>());
+        let api_addr = match config.api {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::Api { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| NodeError::Api { addr, source })?;
+                let state = api::ApiState {
+                    store: store.clone(),
+                    metrics: metrics.clone(),
+                    token: token.clone(),
+                    listen: net.local_addr(),
+                };
+                tasks.spawn(api::serve(listener, state, cancel.clone()).in_current_span());
+                Some(bound)
+            }
+            None => None,
+        };
+        let info = NodeInfo {
+            pid: std::process::id(),
+            listen: net.local_addr(),
+            api: api_addr,
+            token,
+        };
+        let path = NodeInfo::path(&config.home);
+        let json = serde_json::to_vec_pretty(&info).expect("node info serializes");
+        crate::store::write_private(&path, &json)
+            .map_err(|source| NodeError::State { path, source })?;
+        info!(listen = %info.listen, api = ?info.api, "node running");
+        Ok(Self {
+            store,
+            net,
+            metrics,
+            info,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The endpoint, for fetching through this node.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// What the node published.
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    /// Stops accepting, closes connections with a shutdown code and waits for the tasks.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        self.net.close(mesh_proto::wire::CLOSE_SHUTDOWN).await;
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Err(e) = joined {
+                warn!("task failed during shutdown: {e}");
+            }
+        }
+        let _ = std::fs::remove_file(NodeInfo::path(self.store.home()));
+        info!("node stopped");
+    }
+}
+
+async fn accept_loop(
+    net: Net,
+    provider: Provider,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => break,
+            incoming = net.endpoint().accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let net = net.clone();
+        let provider = provider.clone();
+        let metrics = metrics.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let conn = match incoming.await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        debug!("incoming connection failed: {e}");
+                        return;
+                    }
+                };
+                match net.authenticate(&conn).await {
+                    Ok(()) => {}
+                    Err(ConnectError::WrongKey(addr)) => {
+                        Metrics::add(&metrics.auth_failures, 1);
+                        warn!(%addr, "refused a peer with a different mesh key");
+                        return;
+                    }
+                    Err(e) => {
+                        debug!("handshake failed: {e}");
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = provider.serve(conn) => {}
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! The serving side: one task per accepted connection, one per request stream.
+//!
+//! A `Get` is encoded with bao-tree's *validated* encoder on a blocking thread: every chunk
+//! group is hashed against the blob's outboard before it is written to the stream, so a file
+//! that changed on disk (even with its mtime restored) is caught here, the stream is reset with
+//! [`RESET_SOURCE_CORRUPT`] and the blob is dropped from the store.
+
+use std::{
+    io::{self, BufWriter, Write},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bao_tree::io::{sync::encode_ranges_validated, EncodeError};
+use mesh_proto::wire::{ErrorCode, Request, Response, RESET_IO, RESET_SOURCE_CORRUPT};
+use tokio_util::io::SyncIoBridge;
+use tracing::{debug, warn, Instrument};
+
+use super::STREAM_BUFFER;
+use crate::{
+    metrics::Metrics,
+    net::{read_frame, write_frame},
+    ranges,
+    store::{blocking, Store, StoreError},
+};
+
+/// What a provider needs, shared by all its connections.
+#[derive(Clone, Debug)]
+pub struct Provider {
+    /// The store served from.
+    pub store: Store,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Upload limit in bytes per second, for the whole node.
+    pub upload_limit: Option<Arc<RateLimit>>,
+}
+
+impl Provider {
+    /// Serves request streams on an authenticated connection until it closes.
+    pub async fn serve(self, conn: quinn::Connection) {
+        let peer = conn.remote_address();
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(streams) => streams,
+                Err(e) => {
+                    debug!(%peer, "connection ended: {e}");
+                    return;
+                }
+            };
+            let this = self.clone();
+            tokio::spawn(this.request_task(send, recv).in_current_span());
+        }
+    }
+
+    async fn request_task(self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let request: Request = match read_frame(&mut recv).await {
+            Ok(request) => request,
+            Err(e) => {
+                debug!("bad request: {e}");
+                let _ = write_frame(&mut send, &Response::Error(ErrorCode::BadRequest)).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        if let Err(e) = self.request_impl(request, send).await {
+            debug!("request failed: {e}");
+        }
+    }
+
+    async fn request_impl(
+        &self,
+        request: Request,
+        mut send: quinn::SendStream,
+    ) -> Result<(), crate::net::StreamError> {
+        let store = self.store.clone();
+        let response = match request {
+            Request::Get { hash, ranges } => return self.get(hash, ranges, send).await,
+            Request::Have { hash } => match blocking(move || store.open_reader(hash)).await {
+                Ok(reader) => {
+                    let size = reader.outboard.tree.size();
+                    Response::Have {
+                        size,
+                        ranges: ranges::to_spans(&reader.have, size),
+                    }
+                }
+                Err(e) => Response::Error(error_code(&e)),
+            },
+            Request::Manifest(model) => match blocking(move || store.manifest(&model)).await {
+                Ok(Some(manifest)) => Response::Manifest(manifest.encode()),
+                Ok(None) => Response::Error(ErrorCode::NotFound),
+                Err(e) => Response::Error(error_code(&e)),
+            },
+            Request::Models => match blocking(move || store.models()).await {
+                Ok(models) => Response::Models(models),
+                Err(e) => Response::Error(error_code(&e)),
+            },
+            _ => Response::Error(ErrorCode::BadRequest),
+        };
+        write_frame(&mut send, &response).await?;
+        let _ = send.finish();
+        Ok(())
+    }
+
+    async fn get(
+        &self,
+        hash: mesh_proto::Hash,
+        wanted: mesh_proto::wire::ChunkSpans,
+        mut send: quinn::SendStream,
+    ) -> Result<(), crate::net::StreamError> {
+        let store = self.store.clone();
+        let reader = match blocking(move || store.open_reader(hash)).await {
+            Ok(reader) => reader,
+            Err(e) => {
+                debug!(hash = %hash.fmt_short(), "not serving: {e}");
+                write_frame(&mut send, &Response::Error(error_code(&e))).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+        };
+        let size = reader.outboard.tree.size();
+        let sending = ranges::from_spans(&wanted, size) & &reader.have;
+        let header = Response::Get {
+            size,
+            ranges: ranges::to_spans(&sending, size),
+        };
+        write_frame(&mut send, &header).await?;
+        Metrics::add(&self.metrics.requests_served, 1);
+        let metrics = self.metrics.clone();
+        let limit = self.upload_limit.clone();
+        let bridge = SyncIoBridge::new(send);
+        let (result, bridge) = tokio::task::spawn_blocking(move || {
+            let mut out = BufWriter::with_capacity(
+                STREAM_BUFFER,
+                CountingWriter {
+                    inner: bridge,
+                    metrics: &metrics,
+                    limit: limit.as_deref(),
+                },
+            );
+            let result =
+                encode_ranges_validated(&reader.data, &reader.outboard, &sending, &mut out)
+                    .and_then(|()| out.flush().map_err(EncodeError::Io));
+            (result, out.into_parts().0.inner)
+        })
+        .await
+        .expect("encoder task panicked");
+        let mut send = bridge.into_inner();
+        match result {
+            Ok(()) => {
+                let _ = send.finish();
+            }
+            Err(EncodeError::Io(e)) => {
+                debug!(hash = %hash.fmt_short(), "stream ended while sending: {e}");
+                let _ = send.reset(RESET_IO.into());
+            }
+            Err(e) => {
+                warn!(hash = %hash.fmt_short(), "our copy failed verification while serving: {e}");
+                Metrics::add(&self.metrics.source_corrupt, 1);
+                let _ = send.reset(RESET_SOURCE_CORRUPT.into());
+                let store = self.store.clone();
+                let _ = blocking(move || store.forget_blob(hash)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn error_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::NotFound(_) => ErrorCode::NotFound,
+        StoreError::SourceChanged(_) => ErrorCode::SourceChanged,
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// Counts the bytes written to a stream and applies the upload limit.
+struct CountingWriter<'a, W> {
+    inner: W,
+    metrics: &'a Metrics,
+    limit: Option<&'a RateLimit>,
+}
+
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(limit) = self.limit {
+            limit.take(buf.len() as u64);
+        }
+        let n = self.inner.write(buf)?;
+        Metrics::add(&self.metrics.bytes_sent, n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A token bucket shared by all uploads; callers on blocking threads sleep until they may send.
+#[derive(Debug)]
+pub struct RateLimit {
+    /// Bytes per second.
+    rate: u64,
+    /// When the bucket will next be empty. A std mutex: held for arithmetic only.
+    next_free: std::sync::Mutex<Instant>,
+}
+
+impl RateLimit {
+    /// A limit of `rate` bytes per second.
+    pub fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1),
+            next_free: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Reserves `n` bytes and sleeps until they fit the rate (with up to 100 ms of burst).
+    fn take(&self, n: u64) {
+        let wait = {
+            let mut next = self.next_free.lock().expect("rate limit lock poisoned");
+            let now = Instant::now();
+            let burst = Duration::from_millis(100);
+            let start = (*next).max(now.checked_sub(burst).unwrap_or(now));
+            *next = start + Duration::from_secs_f64(n as f64 / self.rate as f64);
+            next.saturating_duration_since(now + burst)
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
