@@ -28,7 +28,7 @@ use super::{
 use crate::ranges;
 
 /// Bytes received between two checkpoints of a partial blob.
-pub(crate) const CHECKPOINT_BYTES: u64 = 32 << 20;
+pub(crate) const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 /// A blob being downloaded. Shared (`Arc`) by every task writing to or serving it.
 #[derive(Debug)]

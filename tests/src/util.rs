@@ -1,0 +1,243 @@
+//! Spawning `mesh` processes, making test files, reading a node's counters.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// File sizes that hit distinct code paths:
+/// - 0: the empty blob (no chunks; never fetched, always complete);
+/// - 1: a single partial chunk;
+/// - 16 KiB - 1, 16 KiB, 16 KiB + 1: one chunk group exactly, minus and plus one byte (the
+///   outboard goes from no parent pair to one);
+/// - 5 MiB + 3: many chunk groups, several pieces, an unaligned tail.
+pub const INTERESTING_SIZES: [u64; 6] = [0, 1, 16383, 16384, 16385, (5 << 20) + 3];
+
+/// The `mesh` binary under test.
+pub fn mesh_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MESH_BIN") {
+        return bin.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("release/mesh");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p mesh-cli` first (README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Deterministic pseudo-random bytes (fast, and different for each seed).
+pub fn test_bytes(size: u64, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(size as usize + 8);
+    while (out.len() as u64) < size {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(size as usize);
+    out
+}
+
+/// Writes `size` test bytes to `path`, creating parent folders.
+pub fn write_file(path: &Path, size: u64, seed: u64) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, test_bytes(size, seed)).unwrap();
+}
+
+/// A `mesh` command with `MESH_HOME` and (optionally) `MESH_KEY` set, optionally inside a
+/// network namespace.
+pub fn mesh_cmd(home: &Path, key: Option<&str>, netns: Option<&str>) -> Command {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(mesh_bin());
+            c
+        }
+        None => Command::new(mesh_bin()),
+    };
+    cmd.env("MESH_HOME", home)
+        .env_remove("MESH_KEY")
+        .env_remove("RUST_LOG");
+    if let Some(key) = key {
+        cmd.env("MESH_KEY", key);
+    }
+    cmd
+}
+
+/// Runs `mesh ARGS` to completion.
+pub fn mesh(home: &Path, key: Option<&str>, args: &[&str]) -> Output {
+    let out = mesh_cmd(home, key, None)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("mesh runs");
+    eprintln!(
+        "$ mesh {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out
+}
+
+/// `mesh add PATH --name NAME`, returning the model id.
+pub fn add(home: &Path, key: Option<&str>, path: &Path, name: &str) -> String {
+    let out = mesh(home, key, &["add", path.to_str().unwrap(), "--name", name]);
+    assert!(out.status.success(), "mesh add failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A running `mesh node`; killed when dropped.
+pub struct NodeProc {
+    /// The process.
+    pub child: Child,
+    /// Its store.
+    pub home: PathBuf,
+    /// Its QUIC address.
+    pub listen: SocketAddr,
+    /// Its local API address.
+    pub api: SocketAddr,
+}
+
+impl NodeProc {
+    /// Starts `mesh node` on `listen_ip` (port chosen by the OS) and waits until it serves.
+    pub fn start(home: &Path, key: Option<&str>, listen_ip: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_in(home, key, None, listen_ip, extra)
+    }
+
+    /// As [`NodeProc::start`], inside network namespace `netns` if given.
+    pub fn start_in(
+        home: &Path,
+        key: Option<&str>,
+        netns: Option<&str>,
+        listen_ip: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        std::fs::create_dir_all(home)?;
+        let info_path = home.join("node.json");
+        let _ = std::fs::remove_file(&info_path);
+        let log = std::fs::File::create(home.join("node.log"))?;
+        let child = mesh_cmd(home, key, netns)
+            .args([
+                "node",
+                "--listen",
+                &format!("{listen_ip}:0"),
+                "--api",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning mesh node")?;
+        let mut node = Self {
+            child,
+            home: home.to_path_buf(),
+            listen: "0.0.0.0:0".parse()?,
+            api: "0.0.0.0:0".parse()?,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&info_path) {
+                if let Ok(info) = serde_json::from_str::<serde_json::Value>(&text) {
+                    node.listen = info["listen"].as_str().context("listen")?.parse()?;
+                    node.api = info["api"].as_str().context("api")?.parse()?;
+                    return Ok(node);
+                }
+            }
+            if let Some(status) = node.child.try_wait()? {
+                bail!("mesh node exited early ({status}): {}", node.log());
+            }
+            if Instant::now() > deadline {
+                bail!("mesh node did not start: {}", node.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("node.log")).unwrap_or_default()
+    }
+
+    /// A counter from the node's `/metrics`.
+    pub fn counter(&self, name: &str) -> u64 {
+        let body = http_get(self.api, "/metrics").expect("metrics answer");
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} in {body}"))
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET against the node's local API, returning the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// Every regular file below `dir`, as sorted relative paths.
+pub fn list_files(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.push(
+                    path.strip_prefix(root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Asserts two folders hold the same files with the same bytes.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let files = list_files(a);
+    assert_eq!(files, list_files(b), "file lists differ");
+    for f in files {
+        let (x, y) = (
+            std::fs::read(a.join(&f)).unwrap(),
+            std::fs::read(b.join(&f)).unwrap(),
+        );
+        assert!(x == y, "{f} differs");
+    }
+}
