@@ -48,7 +48,7 @@ pub enum StoreError {
     Locked(PathBuf),
     /// The metadata database failed.
     #[error("store database: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     /// A file operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -72,6 +72,12 @@ pub enum StoreError {
     /// A path given to `mesh add` has nothing to add.
     #[error("{0}: nothing to add (no regular files)")]
     Empty(PathBuf),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        Self::Db(Box::new(e))
+    }
 }
 
 impl StoreError {
