@@ -1,1 +1,95 @@
+//! Shared pieces of mesh's benchmarks: test files, CPU accounting for child processes, and
+//! the plain-TCP baseline.
 
+use std::{
+    io::{Read, Write},
+    path::Path,
+    time::Instant,
+};
+
+use anyhow::{Context, Result};
+
+/// Writes `size` bytes of incompressible test data to `path` without holding it in memory.
+pub fn make_file(path: &Path, size: u64) -> Result<()> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let block = 64 << 20;
+    let mut written = 0;
+    let mut seed = 1;
+    while written < size {
+        let n = block.min(size - written);
+        file.write_all(&mesh_tests::util::test_bytes(n, seed))?;
+        written += n;
+        seed += 1;
+    }
+    file.flush()?;
+    Ok(())
+}
+
+/// CPU seconds (user + system) a running process has used so far.
+pub fn proc_cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)` part; utime and stime are fields 14 and 15 overall.
+    let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / clk_tck())
+}
+
+/// CPU seconds used by all waited-for children of this process.
+pub fn children_cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// The BLAKE3 hash of a file, for checking copies.
+pub fn file_hash(path: &Path) -> Result<blake3::Hash> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap_rayon(path)?;
+    Ok(hasher.finalize())
+}
+
+/// Serves `file` to one TCP client on `addr`, then exits (the plain-copy baseline's sender).
+pub fn tcp_serve(file: &Path, addr: &str) -> Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    let (mut stream, _) = listener.accept()?;
+    let mut f = std::fs::File::open(file)?;
+    std::io::copy(&mut f, &mut stream)?;
+    Ok(())
+}
+
+/// Fetches from a [`tcp_serve`] into `out` and fsyncs it, printing the seconds taken.
+pub fn tcp_get(addr: &str, out: &Path) -> Result<()> {
+    let start = Instant::now();
+    let mut stream = connect_retry(addr)?;
+    let mut f = std::fs::File::create(out)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        f.write_all(&buf[..n])?;
+    }
+    f.sync_all()?;
+    println!("{:.3}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn connect_retry(addr: &str) -> Result<std::net::TcpStream> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}

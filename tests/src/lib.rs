@@ -3,4 +3,5 @@
 //! The tests run the release binary built by `cargo build --release` (or `MESH_BIN`); see
 //! README.md for the one command that builds it and runs them.
 
+pub mod netlab;
 pub mod util;

@@ -1,0 +1,264 @@
+//! Single-link benchmark: one large file between two `mesh` nodes, on loopback and between two
+//! network-namespace hosts on a tbf-shaped link, against a plain TCP copy measured in the same
+//! run. Prints seconds, MB/s and the CPU seconds of both sides.
+//!
+//! `cargo build --release -p mesh-cli -p mesh-bench && sudo target/release/link`
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use mesh_bench::*;
+use mesh_tests::{netlab::NetLab, util::mesh_bin};
+
+#[derive(Parser, Debug)]
+struct Opt {
+    /// File size in MiB.
+    #[arg(long, default_value_t = 512)]
+    size_mib: u64,
+    /// Link rate for the namespace case (tc syntax).
+    #[arg(long, default_value = "1gbit")]
+    rate: String,
+    /// Skip the namespace case.
+    #[arg(long)]
+    loopback_only: bool,
+    /// Work folder (default: a temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[command(subcommand)]
+    helper: Option<Helper>,
+}
+
+/// Roles the benchmark runs inside namespaces (re-executing itself).
+#[derive(Subcommand, Debug)]
+enum Helper {
+    TcpServe { file: PathBuf, addr: String },
+    TcpGet { addr: String, out: PathBuf },
+}
+
+/// One measured transfer.
+struct Row {
+    case: String,
+    tool: &'static str,
+    secs: f64,
+    sender_cpu: f64,
+    receiver_cpu: f64,
+}
+
+fn main() -> Result<()> {
+    let opt = Opt::parse();
+    match &opt.helper {
+        Some(Helper::TcpServe { file, addr }) => return tcp_serve(file, addr),
+        Some(Helper::TcpGet { addr, out }) => return tcp_get(addr, out),
+        None => {}
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = opt.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let size = opt.size_mib << 20;
+    let file = dir.join("weights.bin");
+    eprintln!("making a {} MiB test file", opt.size_mib);
+    make_file(&file, size)?;
+    let want = file_hash(&file)?;
+
+    let seed_home = dir.join("seed");
+    let t = Instant::now();
+    let add = Command::new(mesh_bin())
+        .env("MESH_HOME", &seed_home)
+        .args(["add"])
+        .arg(&file)
+        .args(["--name", "bench"])
+        .output()?;
+    if !add.status.success() {
+        bail!("mesh add failed: {}", String::from_utf8_lossy(&add.stderr));
+    }
+    let add_secs = t.elapsed().as_secs_f64();
+    println!(
+        "mesh add (BLAKE3 + outboard): {:.2} s, {:.0} MB/s",
+        add_secs,
+        size as f64 / add_secs / 1e6
+    );
+
+    let mut rows = Vec::new();
+    // Loopback.
+    rows.push(run_mesh(
+        &dir,
+        &seed_home,
+        "loopback",
+        None,
+        None,
+        "127.0.0.1",
+        "127.0.0.1",
+        want,
+    )?);
+    rows.push(run_tcp(&dir, &file, "loopback", None, "127.0.0.1", want)?);
+    if !opt.loopback_only {
+        if !mesh_tests::netlab::available() {
+            eprintln!("SKIPPED the namespace case: needs root with ip and tc");
+        } else {
+            let lab = NetLab::up("mbl", "10.79.0", 2, Some(&opt.rate))?;
+            let case = format!("netns {}", opt.rate);
+            rows.push(run_mesh(
+                &dir,
+                &seed_home,
+                &case,
+                Some(&lab),
+                Some(1),
+                &lab.addr(1),
+                &lab.addr(1),
+                want,
+            )?);
+            rows.push(run_tcp(&dir, &file, &case, Some(&lab), &lab.addr(1), want)?);
+        }
+    }
+    println!("\n{} MiB, one sender to one receiver", opt.size_mib);
+    println!("| case | tool | seconds | MB/s | sender CPU-s | receiver CPU-s | time vs TCP |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in &rows {
+        let tcp = rows
+            .iter()
+            .find(|r| r.case == row.case && r.tool == "tcp copy")
+            .map(|r| r.secs);
+        println!(
+            "| {} | {} | {:.2} | {:.1} | {:.2} | {:.2} | {} |",
+            row.case,
+            row.tool,
+            row.secs,
+            size as f64 / row.secs / 1e6,
+            row.sender_cpu,
+            row.receiver_cpu,
+            tcp.map(|t| format!("{:.2}x", row.secs / t))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn spawn_in(lab: Option<&NetLab>, host: usize, program: &Path) -> Command {
+    match lab {
+        Some(lab) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &lab.ns(host)]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_mesh(
+    dir: &Path,
+    seed_home: &Path,
+    case: &str,
+    lab: Option<&NetLab>,
+    _seed_host: Option<usize>,
+    listen_ip: &str,
+    dial_ip: &str,
+    want: blake3::Hash,
+) -> Result<Row> {
+    let _ = std::fs::remove_file(seed_home.join("node.json"));
+    let mut seed = spawn_in(lab, 1, &mesh_bin())
+        .env("MESH_HOME", seed_home)
+        .args(["node", "--listen", &format!("{listen_ip}:7341"), "--no-api"])
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait_for(&seed_home.join("node.json"), &mut seed)?;
+    let fetch_home = dir.join(format!("fetch-{}", case.replace(' ', "_")));
+    let out = dir.join(format!("out-{}", case.replace(' ', "_")));
+    let _ = std::fs::remove_dir_all(&fetch_home);
+    let _ = std::fs::remove_dir_all(&out);
+    let seed_cpu0 = proc_cpu_secs(seed.id())?;
+    let child_cpu0 = children_cpu_secs();
+    let t = Instant::now();
+    let status = spawn_in(lab, 2, &mesh_bin())
+        .env("MESH_HOME", &fetch_home)
+        .args([
+            "fetch",
+            "bench",
+            "--peer",
+            &format!("{dial_ip}:7341"),
+            "--to",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()?;
+    let secs = t.elapsed().as_secs_f64();
+    let receiver_cpu = children_cpu_secs() - child_cpu0;
+    let sender_cpu = proc_cpu_secs(seed.id())? - seed_cpu0;
+    let _ = seed.kill();
+    let _ = seed.wait();
+    if !status.success() {
+        bail!("mesh fetch failed in case {case}");
+    }
+    if file_hash(&out.join("weights.bin"))? != want {
+        bail!("mesh copy differs in case {case}");
+    }
+    std::fs::remove_dir_all(&fetch_home)?;
+    Ok(Row {
+        case: case.into(),
+        tool: "mesh",
+        secs,
+        sender_cpu,
+        receiver_cpu,
+    })
+}
+
+fn run_tcp(
+    dir: &Path,
+    file: &Path,
+    case: &str,
+    lab: Option<&NetLab>,
+    ip: &str,
+    want: blake3::Hash,
+) -> Result<Row> {
+    let me = std::env::current_exe()?;
+    let addr = format!("{ip}:7399");
+    let mut server = spawn_in(lab, 1, &me)
+        .args(["tcp-serve"])
+        .arg(file)
+        .arg(&addr)
+        .spawn()?;
+    let out = dir.join("tcp.out");
+    let cpu0 = children_cpu_secs();
+    let server_cpu0 = proc_cpu_secs(server.id())?;
+    let get = spawn_in(lab, 2, &me)
+        .args(["tcp-get", &addr])
+        .arg(&out)
+        .output()?;
+    let receiver_cpu = children_cpu_secs() - cpu0;
+    let sender_cpu = proc_cpu_secs(server.id()).unwrap_or(0.0) - server_cpu0;
+    let _ = server.wait();
+    if !get.status.success() {
+        bail!("tcp copy failed: {}", String::from_utf8_lossy(&get.stderr));
+    }
+    let secs: f64 = String::from_utf8_lossy(&get.stdout)
+        .trim()
+        .parse()
+        .context("tcp-get output")?;
+    if file_hash(&out)? != want {
+        bail!("tcp copy differs");
+    }
+    std::fs::remove_file(&out)?;
+    Ok(Row {
+        case: case.into(),
+        tool: "tcp copy",
+        secs,
+        sender_cpu,
+        receiver_cpu,
+    })
+}
+
+fn wait_for(path: &Path, child: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        if child.try_wait()?.is_some() || Instant::now() > deadline {
+            bail!("mesh node did not start");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
