@@ -14,12 +14,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mesh_node::{
-    api::{AddRequest, ModelInfo, NodeClient},
+    api::{AddRequest, FetchBody, FetchLine, ModelInfo, NodeClient},
     config::ConfigFile,
-    fetch::{self, FetchError, FetchProgress, FetchRequest},
-    metrics::Metrics,
-    net::{ConnectError, Net},
-    node::{Node, NodeConfig, DEFAULT_API_PORT, DEFAULT_PORT},
+    fetch::{FetchProgress, FetchRequest},
+    net::BindError,
+    node::{Node, NodeConfig, NodeError, DEFAULT_API_PORT, DEFAULT_PORT},
     store::{Store, StoreError},
 };
 use mesh_proto::ModelRef;
@@ -40,6 +39,9 @@ struct Cli {
     /// Log as JSON lines (for journald and log shippers).
     #[arg(long, global = true)]
     log_json: bool,
+    /// Don't look for peers with mDNS (only --peer addresses are used).
+    #[arg(long, env = "MESH_NO_MDNS", global = true)]
+    no_mdns: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,17 +74,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Fetch a model (by name or id) from peers into a folder.
+    /// Fetch a model (by name or id) from LAN peers into a folder.
     Fetch {
         /// Model name or 64-hex-digit id.
         model: String,
-        /// A peer to fetch from, IP:PORT; repeat for several.
+        /// A peer to fetch from besides those found by mDNS, IP:PORT; repeat for several.
         #[arg(long = "peer")]
         peers: Vec<SocketAddr>,
         /// Target folder [default: ./<model name>].
         #[arg(long)]
         to: Option<PathBuf>,
         /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the peers this node sees: address, models, transfer rates.
+    Peers {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -94,13 +102,10 @@ enum Command {
     },
 }
 
-/// Exit codes scripts can rely on (documented in README.md).
+/// Exit codes scripts can rely on (documented in README.md); fetch errors carry their own
+/// (`FetchError::exit_code`).
 mod exit {
     pub(crate) const ERROR: u8 = 1;
-    pub(crate) const UNKNOWN_MODEL: u8 = 3;
-    pub(crate) const PEER: u8 = 4;
-    pub(crate) const VERIFY: u8 = 5;
-    pub(crate) const LOCAL: u8 = 6;
 }
 
 fn main() -> ExitCode {
@@ -177,6 +182,7 @@ async fn run(cli: Cli) -> Result<()> {
                     },
                     mesh_key,
                     max_upload: max_upload.or(config.max_upload),
+                    mdns: !cli.no_mdns,
                 };
             run_node(config).await
         }
@@ -186,7 +192,14 @@ async fn run(cli: Cli) -> Result<()> {
             peers,
             to,
             json,
-        } => run_fetch(&home, mesh_key, model, peers, to, json).await,
+        } => {
+            let node = embedded_config(home.clone(), mesh_key, !cli.no_mdns, config.max_upload);
+            run_fetch(node, model, peers, to, json).await
+        }
+        Command::Peers { json } => {
+            let node = embedded_config(home.clone(), mesh_key, !cli.no_mdns, config.max_upload);
+            peers(node, json).await
+        }
         Command::Ls { json } => ls(&home, json).await,
     }
 }
@@ -214,7 +227,7 @@ async fn add(
     let info = match open_store(home).await {
         Ok(store) => {
             let show = std::io::stderr().is_terminal() && !json;
-            let bar = show.then(|| bar(0));
+            let bar = show.then(|| progress_bar(0));
             let manifest = tokio::task::spawn_blocking(move || {
                 store.add_path(&path, name, &mut |p| {
                     if let Some(bar) = &bar {
@@ -255,53 +268,137 @@ async fn add(
     Ok(())
 }
 
-async fn run_fetch(
-    home: &std::path::Path,
+/// The node `mesh fetch` and `mesh peers` run for their own duration when no node is running
+/// on this store: it serves peers while it fetches, and has no local API.
+fn embedded_config(
+    home: PathBuf,
     mesh_key: Option<String>,
+    mdns: bool,
+    max_upload: Option<u64>,
+) -> NodeConfig {
+    NodeConfig {
+        home,
+        listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+        api: None,
+        mesh_key,
+        max_upload,
+        mdns,
+    }
+}
+
+/// Starts the embedded node, on the default port if it is free and on any port if not.
+async fn spawn_embedded(config: NodeConfig) -> Result<Node> {
+    match Node::spawn(config.clone()).await {
+        Err(NodeError::Bind(BindError::Bind { .. })) => {
+            let config = NodeConfig {
+                listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+                ..config
+            };
+            Ok(Node::spawn(config).await?)
+        }
+        Err(NodeError::Store(StoreError::Locked(path))) => anyhow::bail!(
+            "the store at {} is in use by another mesh process without a local API",
+            path.display()
+        ),
+        other => Ok(other?),
+    }
+}
+
+/// A fetch failure that carries the exit code and hint the node chose.
+#[derive(Debug)]
+struct FetchFailed {
+    message: String,
+    code: u8,
+    hint: Option<String>,
+}
+
+impl std::fmt::Display for FetchFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for FetchFailed {}
+
+async fn run_fetch(
+    node: NodeConfig,
     model: String,
     peers: Vec<SocketAddr>,
     to: Option<PathBuf>,
     json: bool,
 ) -> Result<()> {
-    let model: ModelRef = model.parse().context("bad model name")?;
-    let store = match open_store(home).await {
-        Err(StoreError::Locked(path)) => anyhow::bail!(
-            "the store at {} is held by a running `mesh node`; fetching through it is not supported yet, use another MESH_HOME",
-            path.display()
-        ),
-        other => other?,
-    };
-    let key = store.identity_key()?;
-    let net = Net::bind(SocketAddr::from(([0, 0, 0, 0], 0)), &key, mesh_key, false)?;
+    let model_ref: ModelRef = model.parse().context("bad model name")?;
     let to = match to {
-        Some(to) => to,
-        None => std::env::current_dir()?.join(match &model {
+        Some(to) => std::path::absolute(to)?,
+        None => std::env::current_dir()?.join(match &model_ref {
             ModelRef::Name(name) => name.replace('/', "--"),
             ModelRef::Id(id) => id.fmt_short(),
         }),
     };
     let show = std::io::stderr().is_terminal() && !json;
-    let bar_slot: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
-    let bar_slot2 = bar_slot.clone();
-    let req = FetchRequest { model, peers, to };
-    let result = fetch::fetch(
-        store,
-        net.clone(),
-        Arc::new(Metrics::default()),
-        req,
-        move |manifest, progress| {
-            if show {
-                let handle = tokio::spawn(render(manifest.total_size(), progress));
-                *bar_slot2.lock().expect("bar lock") = Some(handle);
-            }
-        },
-    )
-    .await;
-    if let Some(handle) = bar_slot.lock().expect("bar lock").take() {
-        handle.abort();
-    }
-    net.close(0).await;
-    let report = result?;
+    let report = if let Some(client) = NodeClient::discover(&node.home).await {
+        // A node runs on this store: it does the fetch and keeps serving afterwards.
+        let body = FetchBody { model, peers, to };
+        let mut bar: Option<ProgressBar> = None;
+        let mut outcome = None;
+        client
+            .fetch(&body, |line| match line {
+                FetchLine::Start { total, .. } if show => bar = Some(progress_bar(total)),
+                FetchLine::Progress {
+                    done, files_done, ..
+                } => {
+                    if let Some(bar) = &bar {
+                        bar.set_position(done);
+                        bar.set_message(format!("{files_done} files done"));
+                    }
+                }
+                FetchLine::Done { report } => outcome = Some(Ok(report)),
+                FetchLine::Error {
+                    message,
+                    code,
+                    hint,
+                } => {
+                    outcome = Some(Err(FetchFailed {
+                        message,
+                        code,
+                        hint,
+                    }))
+                }
+                _ => {}
+            })
+            .await?;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        outcome.context("the node ended the fetch stream without a result")??
+    } else {
+        let node = spawn_embedded(node).await?;
+        let bar_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let slot = bar_task.clone();
+        let req = FetchRequest {
+            model: model_ref,
+            peers,
+            to,
+        };
+        let result = node
+            .fetcher()
+            .fetch(req, move |manifest, progress| {
+                if show {
+                    let handle = tokio::spawn(render(manifest.total_size(), progress));
+                    *slot.lock().expect("bar lock") = Some(handle);
+                }
+            })
+            .await;
+        if let Some(handle) = bar_task.lock().expect("bar lock").take() {
+            handle.abort();
+        }
+        node.shutdown().await;
+        result.map_err(|e| FetchFailed {
+            message: e.to_string(),
+            code: e.exit_code(),
+            hint: e.hint().map(str::to_string),
+        })?
+    };
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -318,8 +415,44 @@ async fn run_fetch(
     Ok(())
 }
 
+async fn peers(node: NodeConfig, json: bool) -> Result<()> {
+    let table = if let Some(client) = NodeClient::discover(&node.home).await {
+        client.peers().await?
+    } else {
+        // No node here: listen for a few seconds, as a node would.
+        let node = spawn_embedded(node).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let table = node.fetcher().peers.table();
+        node.shutdown().await;
+        table
+    };
+    if json {
+        println!("{}", serde_json::to_string(&table)?);
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:<9} {:>10} {:>10}  MODELS",
+        "PEER", "SOURCE", "IN/s", "OUT/s"
+    );
+    for p in table {
+        println!(
+            "{:<22} {:<9} {:>10} {:>10}  {}",
+            p.addr,
+            if p.connected {
+                p.source
+            } else {
+                format!("{}?", p.source)
+            },
+            human_bytes(p.rate_in),
+            human_bytes(p.rate_out),
+            p.models.join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn render(total: u64, progress: Arc<FetchProgress>) {
-    let bar = bar(total);
+    let bar = progress_bar(total);
     loop {
         let done: u64 = progress
             .files
@@ -337,7 +470,7 @@ async fn render(total: u64, progress: Arc<FetchProgress>) {
     }
 }
 
-fn bar(total: u64) -> ProgressBar {
+fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
@@ -398,35 +531,12 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
-    if let Some(fetch) = e.downcast_ref::<FetchError>() {
-        return match fetch {
-            FetchError::UnknownModel(_) => exit::UNKNOWN_MODEL,
-            FetchError::Connect(_) | FetchError::NoPeers(_) | FetchError::BadManifest { .. } => {
-                exit::PEER
-            }
-            FetchError::NoSource { last, .. }
-                if last.contains("verification") || last.contains("corrupt") =>
-            {
-                exit::VERIFY
-            }
-            FetchError::NoSource { .. } => exit::PEER,
-            FetchError::TargetNotWritable { .. } | FetchError::NoSpace { .. } => exit::LOCAL,
-            _ => exit::ERROR,
-        };
+    match e.downcast_ref::<FetchFailed>() {
+        Some(failed) => failed.code,
+        None => exit::ERROR,
     }
-    exit::ERROR
 }
 
-fn hint(e: &anyhow::Error) -> Option<&'static str> {
-    match e.downcast_ref::<FetchError>()? {
-        FetchError::Connect(ConnectError::WrongKey(_)) => {
-            Some("every node of one mesh needs the same MESH_KEY (or --mesh-key, or mesh_key in config.toml)")
-        }
-        FetchError::Connect(ConnectError::Unreachable(_)) => {
-            Some("is `mesh node` running there, and is its UDP port open? (default 7341)")
-        }
-        FetchError::UnknownModel(_) => Some("`mesh ls` on a peer lists the models it has"),
-        FetchError::NoSpace { .. } => Some("free some space or set MESH_HOME to a bigger disk"),
-        _ => None,
-    }
+fn hint(e: &anyhow::Error) -> Option<String> {
+    e.downcast_ref::<FetchFailed>()?.hint.clone()
 }

@@ -1,7 +1,12 @@
-//! The local HTTP API (127.0.0.1 by default): health, models, metrics, and `add` for the CLI
-//! when a node holds the store. Mutating calls need the bearer token from `node.json`.
+//! The local HTTP API (127.0.0.1 by default): health, models, peers, metrics, and `add` and
+//! `fetch` for the CLI when a node holds the store. Mutating calls need the bearer token from
+//! `node.json`, which only the store's owner can read.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+};
 
 use axum::{
     extract::State,
@@ -11,11 +16,14 @@ use axum::{
     Json, Router,
 };
 use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    fetch::{FetchProgress, FetchReport, FetchRequest, Fetcher},
     metrics::Metrics,
     node::NodeInfo,
+    peers::PeerInfo,
     store::{blocking, Store},
 };
 
@@ -26,6 +34,7 @@ pub(crate) struct ApiState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) token: String,
     pub(crate) listen: SocketAddr,
+    pub(crate) fetcher: Fetcher,
 }
 
 /// A model as the API and `mesh ls --json` show it.
@@ -70,6 +79,8 @@ pub(crate) async fn serve(
         .route("/v1/status", get(status))
         .route("/v1/models", get(models))
         .route("/v1/add", post(add))
+        .route("/v1/fetch", post(fetch))
+        .route("/v1/peers", get(peers))
         .with_state(state);
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)
@@ -123,12 +134,7 @@ async fn add(
     headers: HeaderMap,
     Json(req): Json<AddRequest>,
 ) -> Response {
-    let expected = format!("Bearer {}", state.token);
-    let authorized = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| blake3::hash(v.as_bytes()) == blake3::hash(expected.as_bytes()));
-    if !authorized {
+    if !authorized(&state, &headers) {
         return error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong API token".into(),
@@ -147,6 +153,151 @@ async fn add(
         .into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
+}
+
+async fn peers(State(state): State<ApiState>) -> Json<Vec<PeerInfo>> {
+    Json(state.fetcher.peers.table())
+}
+
+/// The body of `POST /v1/fetch`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FetchBody {
+    /// Model name or id.
+    pub model: String,
+    /// Extra peers to dial.
+    pub peers: Vec<SocketAddr>,
+    /// Absolute target folder.
+    pub to: PathBuf,
+}
+
+/// One line of the `POST /v1/fetch` NDJSON stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum FetchLine {
+    /// The model resolved; bytes are about to move.
+    Start {
+        /// Model name.
+        name: String,
+        /// Total bytes.
+        total: u64,
+        /// Files in the model.
+        files: usize,
+    },
+    /// Periodic progress.
+    Progress {
+        /// Verified bytes present.
+        done: u64,
+        /// Total bytes.
+        total: u64,
+        /// Files complete.
+        files_done: usize,
+    },
+    /// Finished.
+    Done {
+        /// The summary.
+        report: FetchReport,
+    },
+    /// Failed.
+    Error {
+        /// The one-line error.
+        message: String,
+        /// The exit code the CLI should use.
+        code: u8,
+        /// A hint, if any.
+        hint: Option<String>,
+    },
+}
+
+/// Interval between progress lines of a fetch run through the node.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+async fn fetch(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Json(body): Json<FetchBody>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API token".into(),
+        );
+    }
+    let model = match body.model.parse() {
+        Ok(model) => model,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}")),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<FetchLine>(16);
+    let req = FetchRequest {
+        model,
+        peers: body.peers,
+        to: body.to,
+    };
+    // The fetch runs to the end even if the client goes away: the blobs stay useful.
+    tokio::spawn(async move {
+        let progress_slot = Arc::new(std::sync::Mutex::new(None::<Arc<FetchProgress>>));
+        let slot = progress_slot.clone();
+        let start_tx = tx.clone();
+        let fetch = state.fetcher.fetch(req, move |manifest, progress| {
+            *slot.lock().expect("progress slot lock") = Some(progress);
+            let _ = start_tx.try_send(FetchLine::Start {
+                name: manifest.name().to_string(),
+                total: manifest.total_size(),
+                files: manifest.files().len(),
+            });
+        });
+        tokio::pin!(fetch);
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        let result = loop {
+            tokio::select! {
+                result = &mut fetch => break result,
+                _ = tick.tick() => {
+                    let progress = progress_slot.lock().expect("progress slot lock").clone();
+                    if let Some(p) = progress {
+                        let _ = tx.try_send(progress_line(&p));
+                    }
+                }
+            }
+        };
+        let line = match result {
+            Ok(report) => FetchLine::Done { report },
+            Err(e) => FetchLine::Error {
+                message: e.to_string(),
+                code: e.exit_code(),
+                hint: e.hint().map(str::to_string),
+            },
+        };
+        let _ = tx.send(line).await;
+    });
+    let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(|line| {
+        let mut json = serde_json::to_vec(&line).expect("fetch lines serialize");
+        json.push(b'\n');
+        Ok::<_, std::convert::Infallible>(json)
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+fn progress_line(p: &FetchProgress) -> FetchLine {
+    FetchLine::Progress {
+        done: p.files.iter().map(|f| f.done.load(Ordering::Relaxed)).sum(),
+        total: p.files.iter().map(|f| f.size).sum(),
+        files_done: p
+            .files
+            .iter()
+            .filter(|f| f.done.load(Ordering::Relaxed) >= f.size)
+            .count(),
+    }
+}
+
+fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
+    let expected = format!("Bearer {}", state.token);
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| blake3::hash(v.as_bytes()) == blake3::hash(expected.as_bytes()))
 }
 
 fn error(status: StatusCode, error: String) -> Response {
@@ -203,6 +354,51 @@ impl NodeClient {
             .await
             .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
         Self::json(resp).await
+    }
+
+    /// `GET /v1/peers`.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/peers", self.base))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        Self::json(resp).await
+    }
+
+    /// `POST /v1/fetch`: runs a fetch in the node, calling `on_line` for each line it streams.
+    pub async fn fetch(
+        &self,
+        body: &FetchBody,
+        mut on_line: impl FnMut(FetchLine),
+    ) -> Result<(), ClientError> {
+        let mut resp = self
+            .http
+            .post(format!("{}/v1/fetch", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        if !resp.status().is_success() {
+            return Self::json::<serde_json::Value>(resp).await.map(|_| ());
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| ClientError::Node(format!("the node's fetch stream broke: {e}")))?
+        {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let line = serde_json::from_slice(&line)
+                    .map_err(|e| ClientError::Node(format!("bad line from the node: {e}")))?;
+                on_line(line);
+            }
+        }
+        Ok(())
     }
 
     /// `GET /v1/models`.

@@ -4,44 +4,40 @@
 //!    fetched by id must hash to that id.
 //! 2. Check the target folder is writable and the disk has room for what is missing, before
 //!    any byte moves.
-//! 3. Split what is missing into segments of at most [`SEGMENT_BYTES`], aligned to chunk
-//!    groups, and let [`WORKERS_PER_PEER`] workers per peer pull segments from one queue. A peer
-//!    that sends corrupt bytes is dropped for the rest of the fetch and its segment goes back in
-//!    the queue; so does one whose connection fails.
+//! 3. Hand the missing pieces to the [`swarm`] scheduler, which pulls them from every peer at
+//!    once. Two fetches of one model on one node take turns per blob ([`Fetcher::lock_blobs`]),
+//!    so the second finds the first one's work done instead of downloading it again.
 //! 4. Checkpoint every blob (which completes it), then hard-link each file into the target
 //!    under a temporary name and rename it into place: a file appears only when whole.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     fs, io,
     net::SocketAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{atomic::AtomicU64, atomic::Ordering, Arc, Mutex},
-    time::Instant,
+    sync::{atomic::AtomicU64, atomic::Ordering, Arc, Mutex, Weak},
+    time::{Duration, Instant},
 };
 
-use bao_tree::{ChunkNum, ChunkRanges};
 use mesh_proto::{
     wire::{ErrorCode, Request, Response},
-    Manifest, ModelRef, RelPath,
+    Hash, Manifest, ModelRef, RelPath,
 };
 use serde::Serialize;
-use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::{
     metrics::Metrics,
-    net::{read_frame, write_frame, ConnectError, Net},
+    net::{read_frame, write_frame, ConnectError},
+    peers::Peers,
     ranges,
     store::{blocking, BlobStatus, PartialBlob, Store, StoreError},
-    transfer::get::{get_ranges, GetError},
+    swarm::{self, DownloadError, FileJob},
 };
 
-/// The largest range one request asks for.
-const SEGMENT_BYTES: u64 = 16 << 20;
-/// Requests in flight to one peer at a time.
-const WORKERS_PER_PEER: usize = 4;
+/// How long a fetch by name waits for discovered peers to offer the manifest.
+const RESOLVE_WAIT: Duration = Duration::from_secs(4);
 
 /// What to fetch and where to put it.
 #[derive(Clone, Debug)]
@@ -73,7 +69,7 @@ pub struct FileProgress {
 }
 
 /// The summary of a finished fetch (printed by `mesh fetch --json`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct FetchReport {
     /// The model id.
     pub id: String,
@@ -102,8 +98,8 @@ pub enum FetchError {
     /// A peer could not be reached or refused us, and no other peer could help.
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    /// No peer was given and the model is not complete locally.
-    #[error("model {0} is not complete here and no peer was given (use --peer IP:PORT)")]
+    /// No peer was found (none given, none discovered) and the model is not complete here.
+    #[error("model {0} is not complete here and no peer was found (is a node running on the LAN? --peer IP:PORT adds one)")]
     NoPeers(ModelRef),
     /// Neither the store nor any peer knows the model.
     #[error("unknown model {0}: not in the local store and no peer has it")]
@@ -134,14 +130,9 @@ pub enum FetchError {
         /// Bytes free.
         available: u64,
     },
-    /// Some file could not be had from any peer; `last` is the last peer error seen for it.
-    #[error("no peer could provide {path}: {last}")]
-    NoSource {
-        /// The file.
-        path: RelPath,
-        /// The last error.
-        last: String,
-    },
+    /// The download failed (no peer could provide a piece, or the store failed).
+    #[error(transparent)]
+    Download(#[from] DownloadError),
     /// A local store error.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -155,171 +146,240 @@ pub enum FetchError {
     },
 }
 
-/// Fetches a model into `req.to`. `on_start` receives the progress counters once the model
-/// is resolved.
-pub async fn fetch(
-    store: Store,
-    net: Net,
-    metrics: Arc<Metrics>,
-    req: FetchRequest,
-    on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
-) -> Result<FetchReport, FetchError> {
-    let started = Instant::now();
-    let local = {
-        let store = store.clone();
-        let model = req.model.clone();
-        blocking(move || store.manifest(&model)).await?
-    };
-    let complete_locally = match &local {
-        Some(manifest) => missing_bytes(&store, manifest).await? == 0,
-        None => false,
-    };
-    let mut peers = Vec::new();
-    if !complete_locally {
-        peers = connect_all(&net, &req.peers).await;
-    }
-    let manifest = match local {
-        Some(manifest) => manifest,
-        None => resolve_from_peers(&store, &req.model, &mut peers, &req.peers).await?,
-    };
-    check_target(&req.to)?;
-
-    let partials = open_partials(&store, &manifest).await?;
-    let progress = Arc::new(FetchProgress {
-        files: manifest
-            .files()
-            .iter()
-            .zip(&partials)
-            .map(|(file, partial)| FileProgress {
-                path: file.path.clone(),
-                size: file.size,
-                done: Arc::new(AtomicU64::new(match partial {
-                    Some(p) => ranges::byte_len(&p.have(), file.size),
-                    None => file.size,
-                })),
-            })
-            .collect(),
-    });
-    let already: u64 = progress
-        .files
-        .iter()
-        .map(|f| f.done.load(Ordering::Relaxed))
-        .sum();
-    let missing = manifest.total_size() - already;
-    check_space(&store, &req.to, &manifest, missing)?;
-    on_start(&manifest, progress.clone());
-
-    let received_before = metrics.bytes_received.load(Ordering::Relaxed);
-    let mut peers_used = Vec::new();
-    if missing > 0 {
-        let live: Vec<_> = peers.iter().filter_map(|p| p.conn.clone()).collect();
-        if live.is_empty() {
-            return Err(match peers.into_iter().find_map(|p| p.error) {
-                Some(e) => e.into(),
-                None => FetchError::NoPeers(req.model),
-            });
-        }
-        peers_used = download(&manifest, &partials, &progress, live, metrics.clone()).await?;
-        for partial in partials.iter().flatten() {
-            let partial = partial.clone();
-            blocking(move || partial.checkpoint()).await?;
-        }
-    }
-    for peer in &peers {
-        if let Some(conn) = &peer.conn {
-            conn.close(0u32.into(), b"done");
-        }
-    }
-    drop(partials);
-    let to = req.to.clone();
-    let store2 = store.clone();
-    let manifest2 = manifest.clone();
-    tokio::task::spawn_blocking(move || materialize(&store2, &manifest2, &to))
-        .await
-        .expect("materialize task panicked")?;
-    let report = FetchReport {
-        id: manifest.id().to_string(),
-        name: manifest.name().to_string(),
-        to: req.to,
-        files: manifest.files().len(),
-        total_bytes: manifest.total_size(),
-        bytes_already_local: already,
-        bytes_from_peers: metrics.bytes_received.load(Ordering::Relaxed) - received_before,
-        peers_used,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    info!(
-        model = %report.name,
-        bytes = report.bytes_from_peers,
-        secs = report.seconds,
-        "fetch complete"
-    );
-    Ok(report)
+/// Runs fetches for one node: its store, its peer set, and the per-blob locks that make two
+/// fetches of one model wait for each other instead of downloading twice.
+#[derive(Clone, Debug)]
+pub struct Fetcher {
+    /// The store written to.
+    pub store: Store,
+    /// The node's peers.
+    pub peers: Peers,
+    /// Node counters.
+    pub metrics: Arc<Metrics>,
+    /// Whether mDNS runs (so waiting a moment for peers to show up makes sense).
+    pub discovery: bool,
+    /// One async lock per blob being fetched.
+    locks: Arc<Mutex<HashMap<Hash, Weak<tokio::sync::Mutex<()>>>>>,
 }
 
-/// A peer as given on the command line: its connection, or why there is none.
-struct PeerSlot {
-    addr: SocketAddr,
-    conn: Option<quinn::Connection>,
-    error: Option<ConnectError>,
-}
-
-async fn connect_all(net: &Net, addrs: &[SocketAddr]) -> Vec<PeerSlot> {
-    let mut set = JoinSet::new();
-    for &addr in addrs {
-        let net = net.clone();
-        set.spawn(async move { (addr, net.connect(addr).await) });
-    }
-    let mut out = Vec::new();
-    while let Some(joined) = set.join_next().await {
-        let (addr, result) = joined.expect("connect task panicked");
-        match result {
-            Ok(conn) => out.push(PeerSlot {
-                addr,
-                conn: Some(conn),
-                error: None,
-            }),
-            Err(e) => {
-                warn!("{e}");
-                out.push(PeerSlot {
-                    addr,
-                    conn: None,
-                    error: Some(e),
-                })
-            }
+impl Fetcher {
+    /// A fetcher for a node's store and peers.
+    pub fn new(store: Store, peers: Peers, metrics: Arc<Metrics>, discovery: bool) -> Self {
+        Self {
+            store,
+            peers,
+            metrics,
+            discovery,
+            locks: Arc::default(),
         }
     }
-    out.sort_by_key(|p| addrs.iter().position(|a| *a == p.addr));
-    out
-}
 
-async fn resolve_from_peers(
-    store: &Store,
-    model: &ModelRef,
-    peers: &mut [PeerSlot],
-    asked: &[SocketAddr],
-) -> Result<Manifest, FetchError> {
-    if asked.is_empty() {
-        return Err(FetchError::UnknownModel(model.clone()));
-    }
-    let mut first_error = None;
-    for peer in peers.iter_mut() {
-        let Some(conn) = &peer.conn else {
-            first_error = first_error.or(peer.error.take().map(FetchError::from));
-            continue;
+    /// Fetches a model into `req.to`. `on_start` receives the progress counters once the
+    /// model is resolved and checked.
+    pub async fn fetch(
+        &self,
+        req: FetchRequest,
+        on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
+    ) -> Result<FetchReport, FetchError> {
+        let started = Instant::now();
+        let store = self.store.clone();
+        let local = {
+            let store = store.clone();
+            let model = req.model.clone();
+            blocking(move || store.manifest(&model)).await?
         };
-        match ask_manifest(conn, model).await {
-            Ok(Some(manifest)) => {
-                let store = store.clone();
-                let m = manifest.clone();
-                blocking(move || store.insert_manifest(&m)).await?;
-                return Ok(manifest);
-            }
-            Ok(None) => {}
-            Err(e) => first_error = first_error.or(Some(e)),
+        let complete_locally = match &local {
+            Some(manifest) => missing_bytes(&store, manifest).await? == 0,
+            None => false,
+        };
+        let mut connect_errors = Vec::new();
+        if !complete_locally {
+            connect_errors = self.peers.add_explicit(&req.peers).await;
         }
+        let manifest = match local {
+            Some(manifest) => manifest,
+            None => self.resolve(&req.model, &mut connect_errors).await?,
+        };
+        check_target(&req.to)?;
+
+        // Whoever holds a blob's lock is downloading it; a second fetch of the same model
+        // waits here and then finds the blob complete.
+        let _guards = self.lock_blobs(&manifest).await;
+        let partials = open_partials(&store, &manifest).await?;
+        let progress = Arc::new(FetchProgress {
+            files: manifest
+                .files()
+                .iter()
+                .zip(&partials)
+                .map(|(file, partial)| FileProgress {
+                    path: file.path.clone(),
+                    size: file.size,
+                    done: Arc::new(AtomicU64::new(match partial {
+                        Some(p) => ranges::byte_len(&p.have(), file.size),
+                        None => file.size,
+                    })),
+                })
+                .collect(),
+        });
+        let already: u64 = progress
+            .files
+            .iter()
+            .map(|f| f.done.load(Ordering::Relaxed))
+            .sum();
+        let missing = manifest.total_size() - already;
+        check_space(&store, &req.to, &manifest, missing)?;
+        on_start(&manifest, progress.clone());
+
+        let received_before = self.metrics.bytes_received.load(Ordering::Relaxed);
+        let mut peers_used = Vec::new();
+        if missing > 0 {
+            if self.peers.connections().borrow().is_empty() && !self.discovery {
+                return Err(match connect_errors.into_iter().next() {
+                    Some(e) => e.into(),
+                    None => FetchError::NoPeers(req.model),
+                });
+            }
+            let jobs = manifest
+                .files()
+                .iter()
+                .zip(&partials)
+                .zip(&progress.files)
+                .filter_map(|((file, partial), progress)| {
+                    Some(FileJob {
+                        path: file.path.clone(),
+                        partial: partial.clone()?,
+                        progress: progress.done.clone(),
+                    })
+                })
+                .collect();
+            let result = swarm::download(
+                jobs,
+                self.peers.connections(),
+                self.peers.clone(),
+                self.metrics.clone(),
+            )
+            .await;
+            // Make what arrived durable even if the download failed, so a re-run resumes.
+            for partial in partials.iter().flatten() {
+                let partial = partial.clone();
+                blocking(move || partial.checkpoint()).await?;
+            }
+            peers_used = match result {
+                Ok(used) => used,
+                Err(DownloadError::NoSource { path, last })
+                    if !connect_errors.is_empty()
+                        && self.peers.connections().borrow().is_empty() =>
+                {
+                    let _ = (path, last);
+                    return Err(connect_errors.remove(0).into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+        }
+        drop(partials);
+        let to = req.to.clone();
+        let manifest2 = manifest.clone();
+        tokio::task::spawn_blocking(move || materialize(&store, &manifest2, &to))
+            .await
+            .expect("materialize task panicked")?;
+        let report = FetchReport {
+            id: manifest.id().to_string(),
+            name: manifest.name().to_string(),
+            to: req.to,
+            files: manifest.files().len(),
+            total_bytes: manifest.total_size(),
+            bytes_already_local: already,
+            bytes_from_peers: self.metrics.bytes_received.load(Ordering::Relaxed) - received_before,
+            peers_used,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        info!(
+            model = %report.name,
+            bytes = report.bytes_from_peers,
+            secs = report.seconds,
+            "fetch complete"
+        );
+        Ok(report)
     }
-    Err(first_error.unwrap_or_else(|| FetchError::UnknownModel(model.clone())))
+
+    /// Asks connected peers for the manifest, waiting up to [`RESOLVE_WAIT`] for discovery to
+    /// bring peers that have it.
+    async fn resolve(
+        &self,
+        model: &ModelRef,
+        connect_errors: &mut Vec<ConnectError>,
+    ) -> Result<Manifest, FetchError> {
+        let deadline = Instant::now()
+            + if self.discovery {
+                RESOLVE_WAIT
+            } else {
+                Duration::ZERO
+            };
+        let mut asked = HashSet::new();
+        let mut first_error = None;
+        loop {
+            let conns = self.peers.connections().borrow().clone();
+            for (addr, conn) in conns {
+                if !asked.insert((addr, conn.stable_id())) {
+                    continue;
+                }
+                match ask_manifest(&conn, model).await {
+                    Ok(Some(manifest)) => {
+                        let store = self.store.clone();
+                        let m = manifest.clone();
+                        blocking(move || store.insert_manifest(&m)).await?;
+                        return Ok(manifest);
+                    }
+                    Ok(None) => {}
+                    Err(e) => first_error = first_error.or(Some(e)),
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if asked.is_empty() {
+            if !connect_errors.is_empty() {
+                return Err(connect_errors.remove(0).into());
+            }
+            if !self.discovery {
+                return Err(FetchError::UnknownModel(model.clone()));
+            }
+            return Err(FetchError::NoPeers(model.clone()));
+        }
+        Err(FetchError::UnknownModel(model.clone()))
+    }
+
+    async fn lock_blobs(&self, manifest: &Manifest) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mut hashes: Vec<Hash> = manifest.files().iter().map(|f| f.hash).collect();
+        hashes.sort();
+        hashes.dedup();
+        let locks: Vec<_> = {
+            let mut map = self.locks.lock().expect("locks lock poisoned");
+            map.retain(|_, weak| weak.strong_count() > 0);
+            hashes
+                .iter()
+                .map(|h| {
+                    if let Some(lock) = map.get(h).and_then(Weak::upgrade) {
+                        return lock;
+                    }
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(*h, Arc::downgrade(&lock));
+                    lock
+                })
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(locks.len());
+        // Sorted order, so two fetches can never hold each other's locks.
+        for lock in locks {
+            guards.push(lock.lock_owned().await);
+        }
+        guards
+    }
 }
 
 /// Asks one peer for a manifest; `None` if it doesn't have it.
@@ -436,179 +496,6 @@ fn check_space(
     Ok(())
 }
 
-/// A range of one blob to fetch, and the peers that already failed to provide it.
-struct Segment {
-    file: usize,
-    ranges: ChunkRanges,
-    tried: HashSet<SocketAddr>,
-}
-
-/// State shared by the download workers. A std mutex: held for queue edits only.
-struct Queue {
-    segments: VecDeque<Segment>,
-    /// Peers dropped for this fetch (corrupt data or a dead connection).
-    banned: HashSet<SocketAddr>,
-    /// The last error per file, for the final report.
-    last_error: Vec<Option<String>>,
-    /// Segments being fetched right now.
-    in_flight: usize,
-    used: HashSet<SocketAddr>,
-}
-
-async fn download(
-    manifest: &Manifest,
-    partials: &[Option<Arc<PartialBlob>>],
-    progress: &Arc<FetchProgress>,
-    conns: Vec<quinn::Connection>,
-    metrics: Arc<Metrics>,
-) -> Result<Vec<SocketAddr>, FetchError> {
-    let mut segments = VecDeque::new();
-    for (file, partial) in partials.iter().enumerate() {
-        let Some(partial) = partial else { continue };
-        for ranges in split(&partial.missing(), partial.size()) {
-            segments.push_back(Segment {
-                file,
-                ranges,
-                tried: HashSet::new(),
-            });
-        }
-    }
-    let queue = Arc::new(Mutex::new(Queue {
-        segments,
-        banned: HashSet::new(),
-        last_error: vec![None; partials.len()],
-        in_flight: 0,
-        used: HashSet::new(),
-    }));
-    let notify = Arc::new(tokio::sync::Notify::new());
-    let mut workers = JoinSet::new();
-    for conn in &conns {
-        for _ in 0..WORKERS_PER_PEER {
-            workers.spawn(worker(
-                conn.clone(),
-                partials.to_vec(),
-                queue.clone(),
-                notify.clone(),
-                progress.clone(),
-                metrics.clone(),
-            ));
-        }
-    }
-    while let Some(joined) = workers.join_next().await {
-        if let Err(e) = joined.expect("download worker panicked") {
-            workers.abort_all();
-            return Err(e);
-        }
-    }
-    let queue = queue.lock().expect("queue lock poisoned");
-    if let Some(segment) = queue.segments.front() {
-        let path = manifest.files()[segment.file].path.clone();
-        let last = queue.last_error[segment.file]
-            .clone()
-            .unwrap_or_else(|| "no connected peer has it".into());
-        return Err(FetchError::NoSource { path, last });
-    }
-    Ok(queue.used.iter().copied().collect())
-}
-
-/// Pulls segments for one peer until the queue is empty, the peer is banned, or every
-/// remaining segment was already tried with this peer.
-async fn worker(
-    conn: quinn::Connection,
-    partials: Vec<Option<Arc<PartialBlob>>>,
-    queue: Arc<Mutex<Queue>>,
-    notify: Arc<tokio::sync::Notify>,
-    progress: Arc<FetchProgress>,
-    metrics: Arc<Metrics>,
-) -> Result<(), FetchError> {
-    let peer = conn.remote_address();
-    loop {
-        let segment = {
-            let mut q = queue.lock().expect("queue lock poisoned");
-            if q.banned.contains(&peer) {
-                return Ok(());
-            }
-            match q.segments.iter().position(|s| !s.tried.contains(&peer)) {
-                Some(i) => {
-                    q.in_flight += 1;
-                    q.segments.remove(i)
-                }
-                // Others may still fail and hand segments back: wait while work is in flight.
-                None if q.in_flight > 0 => None,
-                None => return Ok(()),
-            }
-        };
-        let Some(mut segment) = segment else {
-            notify.notified().await;
-            continue;
-        };
-        let partial = partials[segment.file]
-            .clone()
-            .expect("segments exist only for partial files");
-        let done = progress.files[segment.file].done.clone();
-        let result = get_ranges(&conn, partial, &segment.ranges, metrics.clone(), done).await;
-        let mut q = queue.lock().expect("queue lock poisoned");
-        q.in_flight -= 1;
-        match result {
-            Ok(sent) => {
-                q.used.insert(peer);
-                let rest = segment.ranges.clone() - &sent;
-                if !rest.is_empty() {
-                    segment.ranges = rest;
-                    segment.tried.insert(peer);
-                    q.last_error[segment.file] = Some(format!("peer {peer} lacks part of it"));
-                    q.segments.push_back(segment);
-                }
-            }
-            Err(GetError::Store(e)) => return Err(e.into()),
-            Err(e) => {
-                warn!("{e}");
-                q.last_error[segment.file] = Some(e.to_string());
-                // Done ranges stay done: re-queue only what is still missing.
-                let partial = partials[segment.file].as_ref().expect("partial file");
-                segment.ranges = segment.ranges.clone() - partial.have();
-                segment.tried.insert(peer);
-                let fatal_for_peer = matches!(
-                    e,
-                    GetError::Corrupt { .. } | GetError::Stream { .. } | GetError::Protocol { .. }
-                );
-                if matches!(e, GetError::Corrupt { .. }) {
-                    Metrics::add(&metrics.verify_failures, 1);
-                }
-                if !segment.ranges.is_empty() {
-                    q.segments.push_front(segment);
-                }
-                if fatal_for_peer {
-                    debug!(%peer, "dropping peer for this fetch");
-                    q.banned.insert(peer);
-                    drop(q);
-                    notify.notify_waiters();
-                    return Ok(());
-                }
-            }
-        }
-        drop(q);
-        notify.notify_waiters();
-    }
-}
-
-/// Splits missing chunks into request-sized pieces, each aligned to chunk groups.
-fn split(missing: &ChunkRanges, size: u64) -> Vec<ChunkRanges> {
-    let step = SEGMENT_BYTES / mesh_proto::CHUNK_BYTES;
-    let end = ranges::chunk_count(size).0;
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < end {
-        let piece = ChunkRanges::from(ChunkNum(start)..ChunkNum((start + step).min(end)));
-        let want = missing.clone() & piece;
-        if !want.is_empty() {
-            out.push(want);
-        }
-        start += step;
-    }
-    out
-}
-
 /// Links (or copies across file systems) each file into `to`, atomically.
 fn materialize(store: &Store, manifest: &Manifest, to: &Path) -> Result<(), FetchError> {
     for file in manifest.files() {
@@ -647,4 +534,37 @@ fn materialize(store: &Store, manifest: &Manifest, to: &Path) -> Result<(), Fetc
         fs::rename(&tmp, &dest).map_err(err)?;
     }
     Ok(())
+}
+
+impl FetchError {
+    /// The process exit code for this error (README.md documents them).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::UnknownModel(_) => 3,
+            Self::Connect(_) | Self::NoPeers(_) | Self::BadManifest { .. } => 4,
+            Self::Download(DownloadError::NoSource { last, .. })
+                if last.contains("verification") || last.contains("corrupt") =>
+            {
+                5
+            }
+            Self::Download(DownloadError::NoSource { .. }) => 4,
+            Self::TargetNotWritable { .. } | Self::NoSpace { .. } => 6,
+            _ => 1,
+        }
+    }
+
+    /// A one-line hint for the user, where there is a useful one.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Connect(ConnectError::WrongKey(_)) => Some(
+                "every node of one mesh needs the same MESH_KEY (or --mesh-key, or mesh_key in config.toml)",
+            ),
+            Self::Connect(ConnectError::Unreachable(_)) => {
+                Some("is `mesh node` running there, and is its UDP port open? (default 7341)")
+            }
+            Self::UnknownModel(_) => Some("`mesh ls` on a peer lists the models it has"),
+            Self::NoSpace { .. } => Some("free some space or set MESH_HOME to a bigger disk"),
+            _ => None,
+        }
+    }
 }

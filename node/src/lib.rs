@@ -12,10 +12,13 @@
 
 pub mod api;
 pub mod config;
+pub mod discovery;
 pub mod fetch;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod peers;
 pub mod ranges;
 pub mod store;
+pub mod swarm;
 pub mod transfer;

@@ -9,6 +9,8 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     /// Blob data bytes received from peers and verified.
     pub bytes_received: AtomicU64,
+    /// Verified bytes received that were already present (endgame duplicates).
+    pub bytes_duplicate: AtomicU64,
     /// Range requests served.
     pub requests_served: AtomicU64,
     /// Connections refused for a wrong mesh key.

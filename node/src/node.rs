@@ -17,9 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::{
-    api,
+    api, discovery,
+    fetch::Fetcher,
     metrics::Metrics,
     net::{BindError, ConnectError, Net},
+    peers::Peers,
     store::{Store, StoreError},
     transfer::provider::{Provider, RateLimit},
 };
@@ -44,6 +46,8 @@ pub struct NodeConfig {
     pub mesh_key: Option<String>,
     /// Upload limit in bytes per second.
     pub max_upload: Option<u64>,
+    /// Find peers with mDNS.
+    pub mdns: bool,
 }
 
 /// Why a node could not start.
@@ -106,6 +110,8 @@ pub struct Node {
     store: Store,
     net: Net,
     metrics: Arc<Metrics>,
+    /// Runs fetches through this node's peers.
+    fetcher: Fetcher,
     info: NodeInfo,
     /// Cancelled on shutdown; every task watches it.
     cancel: CancellationToken,
@@ -128,10 +134,35 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let discovered = if config.mdns {
+            match discovery::spawn(net.local_addr(), cancel.clone()) {
+                Ok(rx) => Some(rx),
+                Err(e) => {
+                    warn!("LAN discovery is off: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let peers = Peers::spawn(net.clone(), discovered.clone(), cancel.clone());
+        let fetcher = Fetcher::new(
+            store.clone(),
+            peers.clone(),
+            metrics.clone(),
+            discovered.is_some(),
+        );
+        let danger_corrupt_uploads =
+            std::env::var("MESH_DANGER_CORRUPT_UPLOADS").is_ok_and(|v| v == "1");
+        if danger_corrupt_uploads {
+            warn!("MESH_DANGER_CORRUPT_UPLOADS=1: this node sends CORRUPT data to peers (test switch)");
+        }
         let provider = Provider {
             store: store.clone(),
             metrics: metrics.clone(),
             upload_limit: config.max_upload.map(|rate| Arc::new(RateLimit::new(rate))),
+            peers: peers.clone(),
+            danger_corrupt_uploads,
         };
         tasks.spawn(
             accept_loop(net.clone(), provider, metrics.clone(), cancel.clone()).in_current_span(),
@@ -150,6 +181,7 @@ impl Node {
                     metrics: metrics.clone(),
                     token: token.clone(),
                     listen: net.local_addr(),
+                    fetcher: fetcher.clone(),
                 };
                 tasks.spawn(api::serve(listener, state, cancel.clone()).in_current_span());
                 Some(bound)
@@ -171,6 +203,7 @@ impl Node {
             store,
             net,
             metrics,
+            fetcher,
             info,
             cancel,
             tasks,
@@ -192,6 +225,11 @@ impl Node {
         &self.net
     }
 
+    /// The fetcher, for `mesh fetch` run by or through this node.
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
     /// What the node published.
     pub fn info(&self) -> &NodeInfo {
         &self.info
@@ -206,7 +244,9 @@ impl Node {
                 warn!("task failed during shutdown: {e}");
             }
         }
-        let _ = std::fs::remove_file(NodeInfo::path(self.store.home()));
+        if self.info.api.is_some() {
+            let _ = std::fs::remove_file(NodeInfo::path(self.store.home()));
+        }
         info!("node stopped");
     }
 }

@@ -26,6 +26,9 @@
 //! and finishes its side; the other side writes one [`Response`] frame, followed for
 //! [`Request::Get`] by the bao-encoded ranges it named in [`Response::Get`].
 //!
+//! [`Request::Subscribe`] is the exception: its answer is a stream of [`Response::Have`]
+//! frames, so a peer that is itself downloading advertises each piece as it verifies it.
+//!
 //! A frame is a little-endian `u32` length followed by that many bytes of postcard.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -151,6 +154,13 @@ pub enum Request {
     Manifest(ModelRef),
     /// The models the provider holds.
     Models,
+    /// Which chunks of a blob the provider holds, now and as it verifies more: the answer is
+    /// a stream of [`Response::Have`] frames, the first with everything held, each later one
+    /// with only what was added. The provider finishes the stream once it holds the whole blob.
+    Subscribe {
+        /// The blob.
+        hash: Hash,
+    },
 }
 
 /// A model as listed by [`Request::Models`].

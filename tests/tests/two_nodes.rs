@@ -155,7 +155,7 @@ fn wrong_mesh_key_is_refused_and_nothing_is_written() {
     // Not even the model list or the manifest leaked: the intruder's store knows nothing.
     let ls = mesh(&home, None, &["ls", "--json"]);
     assert_eq!(String::from_utf8_lossy(&ls.stdout).trim(), "[]");
-    assert_eq!(seed.counter("mesh_auth_failures_total"), 2);
+    assert!(seed.counter("mesh_auth_failures_total") >= 2);
     assert_eq!(seed.counter("mesh_bytes_sent_total"), 0);
 }
 

@@ -163,7 +163,14 @@ fn run_mesh(
     let _ = std::fs::remove_file(seed_home.join("node.json"));
     let mut seed = spawn_in(lab, 1, &mesh_bin())
         .env("MESH_HOME", seed_home)
-        .args(["node", "--listen", &format!("{listen_ip}:7341"), "--no-api"])
+        .args([
+            "node",
+            "--no-mdns",
+            "--listen",
+            &format!("{listen_ip}:7341"),
+            "--api",
+            "127.0.0.1:0",
+        ])
         .stderr(Stdio::null())
         .spawn()?;
     wait_for(&seed_home.join("node.json"), &mut seed)?;

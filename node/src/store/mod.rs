@@ -130,6 +130,17 @@ pub enum BlobStatus {
     Missing,
 }
 
+/// What the store holds of a blob, for advertising it to peers.
+#[derive(Debug)]
+pub struct BlobHave {
+    /// Blob size in bytes.
+    pub size: u64,
+    /// Verified chunks.
+    pub have: ChunkRanges,
+    /// For a download in progress: wakes when more chunks are verified.
+    pub changes: Option<tokio::sync::watch::Receiver<()>>,
+}
+
 /// An open blob to serve: data, outboard and the chunks that may be read.
 #[derive(Debug)]
 pub struct BlobReader {
@@ -261,6 +272,33 @@ impl Store {
                 BlobStatus::Partial(ranges_from_pairs(&have, size))
             }
             None => BlobStatus::Missing,
+        })
+    }
+
+    /// What a peer may ask of a blob: its size, the verified chunks, and for a download in
+    /// progress a receiver that wakes when more arrive. `None` if the store has none of it.
+    pub fn have(&self, hash: Hash) -> Result<Option<BlobHave>, StoreError> {
+        if let Some(partial) = self.live_partial(hash) {
+            if !partial.is_complete() {
+                return Ok(Some(BlobHave {
+                    size: partial.size(),
+                    have: partial.have(),
+                    changes: Some(partial.subscribe()),
+                }));
+            }
+        }
+        Ok(match db::blob(&self.inner.db, hash)? {
+            Some(BlobRecord::Complete { size, .. }) => Some(BlobHave {
+                size,
+                have: ranges::all_chunks(size),
+                changes: None,
+            }),
+            Some(BlobRecord::Partial { size, have }) => Some(BlobHave {
+                size,
+                have: ranges_from_pairs(&have, size),
+                changes: None,
+            }),
+            None => None,
         })
     }
 

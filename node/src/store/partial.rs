@@ -45,6 +45,8 @@ pub struct PartialBlob {
     outboard: fs::File,
     /// Progress. A std mutex: held for range-set updates, never across I/O.
     state: Mutex<PartialState>,
+    /// Bumped after every verified write, so subscribers can advertise new pieces at once.
+    changed: tokio::sync::watch::Sender<()>,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +101,7 @@ impl PartialBlob {
                 have,
                 ..Default::default()
             }),
+            changed: tokio::sync::watch::channel(()).0,
         })
     }
 
@@ -125,6 +128,11 @@ impl PartialBlob {
     /// Chunks still missing.
     pub fn missing(&self) -> ChunkRanges {
         ranges::all_chunks(self.size) - self.have()
+    }
+
+    /// A receiver that wakes after every verified write and on completion.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
     }
 
     /// Whether the blob moved into `blobs/`.
@@ -159,6 +167,7 @@ impl PartialBlob {
                 state.unsynced += new;
                 let due = state.unsynced >= CHECKPOINT_BYTES;
                 drop(state);
+                self.changed.send_replace(());
                 if due {
                     self.checkpoint()?;
                 }
@@ -215,6 +224,7 @@ impl PartialBlob {
         };
         db::put_blob(&self.store.inner.db, self.hash, &record)?;
         state.complete = true;
+        self.changed.send_replace(());
         tracing::debug!(hash = %self.hash.fmt_short(), "blob complete");
         Ok(())
     }

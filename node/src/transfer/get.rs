@@ -7,11 +7,14 @@
 use std::{
     io::BufReader,
     net::SocketAddr,
-    sync::{atomic::AtomicU64, Arc},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use bao_tree::{
-    io::{sync::DecodeResponseIter, DecodeError},
+    io::{sync::DecodeResponseIter, BaoContentItem, DecodeError},
     ChunkRanges,
 };
 use mesh_proto::{
@@ -24,6 +27,7 @@ use super::STREAM_BUFFER;
 use crate::{
     metrics::Metrics,
     net::{read_frame, write_frame, StreamError},
+    peers::PeerCounters,
     ranges,
     store::{PartialBlob, StoreError},
 };
@@ -79,16 +83,28 @@ pub enum GetError {
     Store(#[from] StoreError),
 }
 
+/// Where a range request reports what it wrote, and how it is cancelled.
+#[derive(Clone, Debug)]
+pub struct GetHooks {
+    /// Node counters.
+    pub metrics: Arc<Metrics>,
+    /// Bumped with new verified bytes of this file.
+    pub progress: Arc<AtomicU64>,
+    /// Bumped with verified bytes from this peer.
+    pub peer: Arc<PeerCounters>,
+    /// Set to stop reading (another peer delivered the piece first).
+    pub cancel: Arc<AtomicBool>,
+}
+
 /// Requests `wanted` chunks of `partial`'s blob from `conn` and writes what verifies.
 ///
-/// Returns the chunks the peer sent (a subset of `wanted`: the ones it holds). `progress` is
-/// bumped with data bytes as they are written.
+/// Returns the chunks the peer sent (a subset of `wanted`: the ones it holds), or fewer if
+/// cancelled.
 pub async fn get_ranges(
     conn: &quinn::Connection,
     partial: Arc<PartialBlob>,
     wanted: &ChunkRanges,
-    metrics: Arc<Metrics>,
-    progress: Arc<AtomicU64>,
+    hooks: GetHooks,
 ) -> Result<ChunkRanges, GetError> {
     let peer = conn.remote_address();
     let hash = partial.hash();
@@ -105,7 +121,17 @@ pub async fn get_ranges(
     };
     write_frame(&mut send, &request).await.map_err(stream_err)?;
     let _ = send.finish();
-    let sent = match read_frame(&mut recv).await.map_err(stream_err)? {
+    let header = match read_frame(&mut recv).await {
+        Ok(header) => header,
+        // A reset can overtake the header frame: the provider found its copy bad at once.
+        Err(StreamError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code))))
+            if code == RESET_SOURCE_CORRUPT.into() =>
+        {
+            return Err(GetError::SourceCorrupt { peer, hash })
+        }
+        Err(e) => return Err(stream_err(e)),
+    };
+    let sent = match header {
         Response::Get {
             size: peer_size,
             ranges,
@@ -145,9 +171,20 @@ pub async fn get_ranges(
         let reader = BufReader::with_capacity(STREAM_BUFFER, bridge);
         let items = DecodeResponseIter::new(hash.into(), partial.tree(), reader, &decode_ranges);
         for item in items {
-            let written = partial.write(&item?).map_err(DecodeOrStore::Store)?;
-            Metrics::add(&metrics.bytes_received, written);
-            Metrics::add(&progress, written);
+            if hooks.cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            let item = item?;
+            let written = partial.write(&item).map_err(DecodeOrStore::Store)?;
+            if let BaoContentItem::Leaf(leaf) = &item {
+                Metrics::add(
+                    &hooks.metrics.bytes_duplicate,
+                    leaf.data.len() as u64 - written,
+                );
+            }
+            Metrics::add(&hooks.metrics.bytes_received, written);
+            Metrics::add(&hooks.progress, written);
+            Metrics::add(&hooks.peer.received, written);
         }
         Ok::<(), DecodeOrStore>(())
     })

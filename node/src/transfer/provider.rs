@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bao_tree::io::{sync::encode_ranges_validated, EncodeError};
+use bao_tree::{
+    io::{sync::encode_ranges_validated, EncodeError},
+    ChunkRanges,
+};
 use mesh_proto::wire::{ErrorCode, Request, Response, RESET_IO, RESET_SOURCE_CORRUPT};
 use tokio_util::io::SyncIoBridge;
 use tracing::{debug, warn, Instrument};
@@ -20,9 +23,13 @@ use super::STREAM_BUFFER;
 use crate::{
     metrics::Metrics,
     net::{read_frame, write_frame},
+    peers::PeerCounters,
     ranges,
-    store::{blocking, Store, StoreError},
+    store::{blocking, BlobHave, Store, StoreError},
 };
+
+/// How long a subscription waits after a change before sending, to batch leaf writes.
+const SUBSCRIBE_COALESCE: Duration = Duration::from_millis(20);
 
 /// What a provider needs, shared by all its connections.
 #[derive(Clone, Debug)]
@@ -33,12 +40,18 @@ pub struct Provider {
     pub metrics: Arc<Metrics>,
     /// Upload limit in bytes per second, for the whole node.
     pub upload_limit: Option<Arc<RateLimit>>,
+    /// Per-peer counters.
+    pub peers: crate::peers::Peers,
+    /// Test-only: flip bytes in what we send, after our own verification, to play a hostile
+    /// peer. Set by `MESH_DANGER_CORRUPT_UPLOADS=1`; never in normal use.
+    pub danger_corrupt_uploads: bool,
 }
 
 impl Provider {
     /// Serves request streams on an authenticated connection until it closes.
     pub async fn serve(self, conn: quinn::Connection) {
         let peer = conn.remote_address();
+        let counters = self.peers.counters(peer);
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(streams) => streams,
@@ -48,11 +61,17 @@ impl Provider {
                 }
             };
             let this = self.clone();
-            tokio::spawn(this.request_task(send, recv).in_current_span());
+            let counters = counters.clone();
+            tokio::spawn(this.request_task(send, recv, counters).in_current_span());
         }
     }
 
-    async fn request_task(self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn request_task(
+        self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        counters: Arc<PeerCounters>,
+    ) {
         let request: Request = match read_frame(&mut recv).await {
             Ok(request) => request,
             Err(e) => {
@@ -62,7 +81,7 @@ impl Provider {
                 return;
             }
         };
-        if let Err(e) = self.request_impl(request, send).await {
+        if let Err(e) = self.request_impl(request, send, counters).await {
             debug!("request failed: {e}");
         }
     }
@@ -71,10 +90,12 @@ impl Provider {
         &self,
         request: Request,
         mut send: quinn::SendStream,
+        counters: Arc<PeerCounters>,
     ) -> Result<(), crate::net::StreamError> {
         let store = self.store.clone();
         let response = match request {
-            Request::Get { hash, ranges } => return self.get(hash, ranges, send).await,
+            Request::Get { hash, ranges } => return self.get(hash, ranges, send, counters).await,
+            Request::Subscribe { hash } => return self.subscribe(hash, send).await,
             Request::Have { hash } => match blocking(move || store.open_reader(hash)).await {
                 Ok(reader) => {
                     let size = reader.outboard.tree.size();
@@ -101,11 +122,57 @@ impl Provider {
         Ok(())
     }
 
+    /// Streams what we hold of a blob, then each addition, until we hold it all or the
+    /// subscriber stops reading.
+    async fn subscribe(
+        &self,
+        hash: mesh_proto::Hash,
+        mut send: quinn::SendStream,
+    ) -> Result<(), crate::net::StreamError> {
+        let mut sent = ChunkRanges::empty();
+        loop {
+            let store = self.store.clone();
+            let Ok(Some(BlobHave {
+                size,
+                have,
+                changes,
+            })) = blocking(move || store.have(hash)).await
+            else {
+                if sent.is_empty() {
+                    write_frame(&mut send, &Response::Error(ErrorCode::NotFound)).await?;
+                }
+                let _ = send.finish();
+                return Ok(());
+            };
+            let added = have.clone() - &sent;
+            if sent.is_empty() || !added.is_empty() {
+                let frame = Response::Have {
+                    size,
+                    ranges: ranges::to_spans(&added, size),
+                };
+                write_frame(&mut send, &frame).await?;
+                sent = have;
+            }
+            let Some(mut watch) = changes else {
+                // Complete (or a partial nobody is writing): nothing more will come.
+                let _ = send.finish();
+                return Ok(());
+            };
+            tokio::select! {
+                _ = watch.changed() => {}
+                _ = send.stopped() => return Ok(()),
+            }
+            // Coalesce a burst of leaf writes into one frame.
+            tokio::time::sleep(SUBSCRIBE_COALESCE).await;
+        }
+    }
+
     async fn get(
         &self,
         hash: mesh_proto::Hash,
         wanted: mesh_proto::wire::ChunkSpans,
         mut send: quinn::SendStream,
+        counters: Arc<PeerCounters>,
     ) -> Result<(), crate::net::StreamError> {
         let store = self.store.clone();
         let reader = match blocking(move || store.open_reader(hash)).await {
@@ -127,6 +194,7 @@ impl Provider {
         Metrics::add(&self.metrics.requests_served, 1);
         let metrics = self.metrics.clone();
         let limit = self.upload_limit.clone();
+        let corrupt = self.danger_corrupt_uploads;
         let bridge = SyncIoBridge::new(send);
         let (result, bridge) = tokio::task::spawn_blocking(move || {
             let mut out = BufWriter::with_capacity(
@@ -134,7 +202,9 @@ impl Provider {
                 CountingWriter {
                     inner: bridge,
                     metrics: &metrics,
+                    peer: &counters,
                     limit: limit.as_deref(),
+                    corrupt,
                 },
             );
             let result =
@@ -177,7 +247,9 @@ fn error_code(e: &StoreError) -> ErrorCode {
 struct CountingWriter<'a, W> {
     inner: W,
     metrics: &'a Metrics,
+    peer: &'a PeerCounters,
     limit: Option<&'a RateLimit>,
+    corrupt: bool,
 }
 
 impl<W: Write> Write for CountingWriter<'_, W> {
@@ -185,8 +257,15 @@ impl<W: Write> Write for CountingWriter<'_, W> {
         if let Some(limit) = self.limit {
             limit.take(buf.len() as u64);
         }
-        let n = self.inner.write(buf)?;
+        let n = if self.corrupt && buf.len() > 64 {
+            let mut bad = buf.to_vec();
+            bad[buf.len() / 2] ^= 0x55;
+            self.inner.write(&bad)?
+        } else {
+            self.inner.write(buf)?
+        };
         Metrics::add(&self.metrics.bytes_sent, n as u64);
+        Metrics::add(&self.peer.sent, n as u64);
         Ok(n)
     }
 
