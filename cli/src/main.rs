@@ -94,6 +94,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the running node's address and counters (JSON).
+    Status,
     /// List the models in this store.
     Ls {
         /// Print JSON.
@@ -201,6 +203,13 @@ async fn run(cli: Cli) -> Result<()> {
             peers(node, json).await
         }
         Command::Ls { json } => ls(&home, json).await,
+        Command::Status => {
+            let client = NodeClient::discover(&home)
+                .await
+                .context("no node is running on this store (start one with `mesh node`)")?;
+            println!("{}", serde_json::to_string_pretty(&client.status().await?)?);
+            Ok(())
+        }
     }
 }
 

@@ -356,6 +356,17 @@ impl NodeClient {
         Self::json(resp).await
     }
 
+    /// `GET /v1/status`: version, listen address and counters.
+    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/status", self.base))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        Self::json(resp).await
+    }
+
     /// `GET /v1/peers`.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
         let resp = self

@@ -2,8 +2,8 @@
 //!
 //! Files are cut into 1 MiB pieces (aligned to 16 KiB chunk groups). Every peer streams what it
 //! holds of each file ([`Request::Subscribe`]), including pieces it verifies while itself
-//! downloading, so the scheduler always knows who has what. It then keeps up to
-//! [`REQUESTS_PER_PEER`] piece requests in flight per peer:
+//! downloading, so the scheduler always knows who has what. It keeps about
+//! [`PIPELINE_SECS`] of each peer's measured rate requested ahead (2 to 16 pieces), choosing:
 //! - **rarest first**: among the missing pieces a peer holds, the one the fewest peers hold,
 //!   ties broken by a per-fetch random key so different nodes spread over different pieces;
 //! - **endgame**: once nothing is left unassigned, an idle peer duplicates an in-flight piece
@@ -47,8 +47,13 @@ use crate::{
 
 /// Chunks in one piece.
 const PIECE_CHUNKS: u64 = PIECE_BYTES / CHUNK_BYTES;
-/// Piece requests in flight to one peer.
-const REQUESTS_PER_PEER: usize = 6;
+/// Piece requests in flight to a peer we know nothing about yet.
+const MIN_REQUESTS_PER_PEER: usize = 2;
+/// The most piece requests in flight to one peer.
+const MAX_REQUESTS_PER_PEER: usize = 16;
+/// Seconds of a peer's measured rate to keep requested ahead. More only queues pieces at a
+/// busy peer that another peer could have served; less leaves the link idle between pieces.
+const PIPELINE_SECS: f64 = 0.3;
 /// A piece in flight this long may be asked of a second peer.
 const SLOW_PIECE: Duration = Duration::from_secs(10);
 /// Give up when nothing is in flight and no peer offers a missing piece for this long.
@@ -174,6 +179,11 @@ struct PeerState {
     /// Whole pieces it holds, per file.
     has_piece: Vec<Vec<bool>>,
     in_flight: usize,
+    /// Requests it may have in flight, from its measured rate.
+    depth: usize,
+    /// Its received-bytes counter at the last tick, and the smoothed rate (bytes/s).
+    last_received: u64,
+    rate: f64,
     banned: bool,
     /// Per file: when to subscribe again after the peer's subscription ended early.
     resubscribe: Vec<Option<(Instant, Duration)>>,
@@ -414,6 +424,13 @@ impl Scheduler {
                     .map(|f| vec![false; f.pieces.len()])
                     .collect(),
                 in_flight: 0,
+                depth: MIN_REQUESTS_PER_PEER,
+                last_received: self
+                    .peer_set
+                    .counters(*addr)
+                    .received
+                    .load(Ordering::Relaxed),
+                rate: 0.0,
                 banned: false,
                 resubscribe: vec![None; self.files.len()],
                 subs: JoinSet::new(),
@@ -439,6 +456,22 @@ impl Scheduler {
 
     fn on_tick(&mut self) -> Result<(), DownloadError> {
         let now = Instant::now();
+        for (addr, state) in self.peers.iter_mut() {
+            let received = self
+                .peer_set
+                .counters(*addr)
+                .received
+                .load(Ordering::Relaxed);
+            let rate = (received - state.last_received) as f64 / TICK.as_secs_f64();
+            state.last_received = received;
+            state.rate = if state.rate == 0.0 {
+                rate
+            } else {
+                0.7 * state.rate + 0.3 * rate
+            };
+            let ahead = (state.rate * PIPELINE_SECS / PIECE_BYTES as f64).ceil() as usize + 1;
+            state.depth = ahead.clamp(MIN_REQUESTS_PER_PEER, MAX_REQUESTS_PER_PEER);
+        }
         let mut due = Vec::new();
         for (addr, state) in &self.peers {
             for (file, at) in state.resubscribe.iter().enumerate() {
@@ -497,7 +530,7 @@ impl Scheduler {
         for addr in addrs {
             loop {
                 let state = &self.peers[&addr];
-                if state.banned || state.in_flight >= REQUESTS_PER_PEER {
+                if state.banned || state.in_flight >= state.depth {
                     break;
                 }
                 let Some((file, piece)) = self.choose(addr, endgame) else {

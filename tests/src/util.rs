@@ -109,6 +109,10 @@ pub struct NodeProc {
     pub listen: SocketAddr,
     /// Its local API address.
     pub api: SocketAddr,
+    /// The network namespace it runs in, if any.
+    pub netns: Option<String>,
+    /// Its mesh key.
+    pub key: Option<String>,
 }
 
 impl NodeProc {
@@ -148,6 +152,8 @@ impl NodeProc {
             home: home.to_path_buf(),
             listen: "0.0.0.0:0".parse()?,
             api: "0.0.0.0:0".parse()?,
+            netns: netns.map(str::to_string),
+            key: key.map(str::to_string),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -173,12 +179,35 @@ impl NodeProc {
         std::fs::read_to_string(self.home.join("node.log")).unwrap_or_default()
     }
 
-    /// A counter from the node's `/metrics`.
+    /// A counter from the node's `/metrics` (through `mesh status` inside a namespace, whose
+    /// loopback API this process can't reach).
     pub fn counter(&self, name: &str) -> u64 {
+        if let Some(ns) = &self.netns {
+            let out = mesh_cmd(&self.home, self.key.as_deref(), Some(ns))
+                .arg("status")
+                .output()
+                .expect("mesh status runs");
+            let status: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("mesh status prints JSON");
+            return status["counters"][name]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no counter {name} in {status}"));
+        }
         let body = http_get(self.api, "/metrics").expect("metrics answer");
         body.lines()
             .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no counter {name} in {body}"))
+    }
+
+    /// Runs `mesh ARGS` against this node's store, in its namespace; does not wait.
+    pub fn spawn_cli(&self, args: &[&str]) -> Child {
+        mesh_cmd(&self.home, self.key.as_deref(), self.netns.as_deref())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mesh runs")
     }
 }
 
@@ -240,4 +269,24 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         );
         assert!(x == y, "{f} differs");
     }
+}
+
+/// Waits for a spawned `mesh` command, killing it after `timeout`; prints its output.
+pub fn finish(mut child: Child, what: &str, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    eprintln!(
+        "$ {what}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out
 }
