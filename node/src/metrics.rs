@@ -42,6 +42,11 @@ impl Metrics {
                 get(&self.bytes_received),
             ),
             (
+                "mesh_bytes_duplicate_total",
+                "Verified bytes received that were already present.",
+                get(&self.bytes_duplicate),
+            ),
+            (
                 "mesh_requests_served_total",
                 "Range requests served.",
                 get(&self.requests_served),

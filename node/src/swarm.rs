@@ -131,6 +131,8 @@ struct Piece {
     key: u32,
     /// Non-banned peers that hold it.
     avail: u16,
+    /// Non-banned peers fetching it right now.
+    pending: u16,
 }
 
 #[derive(Debug)]
@@ -157,6 +159,7 @@ impl FileState {
                 },
                 key: rand::random(),
                 avail: 0,
+                pending: 0,
             })
             .collect();
         let missing = pieces
@@ -171,13 +174,25 @@ impl FileState {
     }
 }
 
+impl PeerState {
+    /// Whether it holds every piece of every file.
+    fn is_seed(&self) -> bool {
+        self.held == self.total
+    }
+}
+
 /// A peer taking part in this download.
 struct PeerState {
+    /// Whole pieces it holds, over all files, and how many there are in all.
+    held: usize,
+    total: usize,
     conn: quinn::Connection,
     /// Chunks it holds, per file.
     have: Vec<ChunkRanges>,
     /// Whole pieces it holds, per file.
     has_piece: Vec<Vec<bool>>,
+    /// Pieces it is fetching right now, per file.
+    pending_piece: Vec<Vec<bool>>,
     in_flight: usize,
     /// Requests it may have in flight, from its measured rate.
     depth: usize,
@@ -197,6 +212,7 @@ enum Event {
         conn: usize,
         file: usize,
         added: ChunkRanges,
+        pending: ChunkRanges,
     },
     SubEnded {
         peer: SocketAddr,
@@ -260,6 +276,7 @@ impl Scheduler {
                 conn,
                 file,
                 added,
+                pending,
             } => {
                 let Some(state) = self.peers.get_mut(&peer) else {
                     return Ok(());
@@ -273,7 +290,21 @@ impl Scheduler {
                     if !state.has_piece[file][p] && covers(&state.have[file], &piece_range(size, p))
                     {
                         state.has_piece[file][p] = true;
+                        state.held += 1;
                         self.files[file].pieces[p].avail += 1;
+                    }
+                }
+                let now_pending: HashSet<usize> = pieces_touching(&pending, size).collect();
+                for (p, was) in state.pending_piece[file].iter_mut().enumerate() {
+                    let is = now_pending.contains(&p);
+                    if is != *was {
+                        *was = is;
+                        let piece = &mut self.files[file].pieces[p];
+                        if is {
+                            piece.pending += 1;
+                        } else {
+                            piece.pending -= 1;
+                        }
                     }
                 }
                 self.stalled_since = None;
@@ -344,6 +375,7 @@ impl Scheduler {
                             let range = piece_range(size, piece);
                             state.have[file] = state.have[file].clone() - range;
                             if std::mem::take(&mut state.has_piece[file][piece]) {
+                                state.held -= 1;
                                 self.files[file].pieces[piece].avail -= 1;
                             }
                         }
@@ -369,7 +401,21 @@ impl Scheduler {
                 p.state = PieceState::Missing;
             }
         }
+        self.publish_pending(file);
         Ok(())
+    }
+
+    /// Tells our own subscribers which pieces of `file` we are fetching now.
+    fn publish_pending(&self, file: usize) {
+        let f = &self.files[file];
+        let size = f.job.partial.size();
+        let mut pending = ChunkRanges::empty();
+        for (p, piece) in f.pieces.iter().enumerate() {
+            if matches!(piece.state, PieceState::InFlight { .. }) {
+                pending |= piece_range(size, p);
+            }
+        }
+        f.job.partial.set_pending(pending);
     }
 
     fn ban(&mut self, peer: SocketAddr) {
@@ -386,6 +432,14 @@ impl Scheduler {
             for (p, held) in has.iter_mut().enumerate() {
                 if std::mem::take(held) {
                     self.files[file].pieces[p].avail -= 1;
+                }
+            }
+        }
+        state.held = 0;
+        for (file, pending) in state.pending_piece.iter_mut().enumerate() {
+            for (p, is) in pending.iter_mut().enumerate() {
+                if std::mem::take(is) {
+                    self.files[file].pieces[p].pending -= 1;
                 }
             }
         }
@@ -416,9 +470,16 @@ impl Scheduler {
                 continue;
             }
             let mut state = PeerState {
+                held: 0,
+                total: self.files.iter().map(|f| f.pieces.len()).sum(),
                 conn: conn.clone(),
                 have: self.files.iter().map(|_| ChunkRanges::empty()).collect(),
                 has_piece: self
+                    .files
+                    .iter()
+                    .map(|f| vec![false; f.pieces.len()])
+                    .collect(),
+                pending_piece: self
                     .files
                     .iter()
                     .map(|f| vec![false; f.pieces.len()])
@@ -543,6 +604,11 @@ impl Scheduler {
 
     fn choose(&self, addr: SocketAddr, endgame: bool) -> Option<(usize, usize)> {
         let state = &self.peers[&addr];
+        // A seed's upload is the swarm's scarcest resource: ask seeds only for pieces that no
+        // other peer holds or is fetching, and let peers spread the rest among themselves.
+        let seeds = self.peers.values().filter(|p| !p.banned && p.is_seed()).count() as u16;
+        let spare_seed = state.is_seed() && self.peers.len() > seeds as usize;
+        let others = |piece: &Piece| piece.avail.saturating_sub(seeds) + piece.pending;
         let mut best: Option<((u16, u32), usize, usize)> = None;
         for (f, file) in self.files.iter().enumerate() {
             if file.missing == 0 {
@@ -550,7 +616,11 @@ impl Scheduler {
             }
             for (p, piece) in file.pieces.iter().enumerate() {
                 if matches!(piece.state, PieceState::Missing) && state.has_piece[f][p] {
-                    let score = (piece.avail, piece.key);
+                    if spare_seed && others(piece) > 0 {
+                        continue;
+                    }
+                    // A piece another peer is already fetching counts as one more source.
+                    let score = (piece.avail + piece.pending, piece.key);
                     if best.as_ref().is_none_or(|(b, _, _)| score < *b) {
                         best = Some((score, f, p));
                     }
@@ -568,6 +638,7 @@ impl Scheduler {
                     continue;
                 };
                 let eligible = state.has_piece[f][p]
+                    && !(spare_seed && others(piece) > 0 && !endgame)
                     && requests.len() < 2
                     && requests.iter().all(|(who, _)| *who != addr)
                     && (endgame || since.elapsed() >= SLOW_PIECE);
@@ -613,6 +684,7 @@ impl Scheduler {
             cancel,
         };
         let events = self.events.clone();
+        self.publish_pending(file);
         self.requests.spawn(async move {
             let result = get_ranges(&conn, partial, &wanted, hooks).await;
             let _ = events.send(Event::Done {
@@ -626,6 +698,7 @@ impl Scheduler {
 
     fn cancel_all(&mut self) {
         for file in &self.files {
+            file.job.partial.set_pending(ChunkRanges::empty());
             for piece in &file.pieces {
                 if let PieceState::InFlight { requests, .. } = &piece.state {
                     for (_, cancel) in requests {
@@ -657,10 +730,12 @@ async fn subscribe_task(
         let _ = send.finish();
         loop {
             match read_frame(&mut recv).await.map_err(|e| e.to_string())? {
-                Response::Have { size: s, ranges } if s == size => {
+                Response::Have { size: s, ranges, pending } if s == size => {
                     let added = ranges::from_spans(&ranges, size);
+                    let pending = ranges::from_spans(&pending, size);
                     if events
                         .send(Event::Have {
+                            pending,
                             peer,
                             conn: id,
                             file,

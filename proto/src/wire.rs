@@ -207,8 +207,11 @@ pub enum Response {
     Have {
         /// Blob size in bytes.
         size: u64,
-        /// The chunks held.
+        /// The chunks held (for a subscription after the first frame: the chunks added).
         ranges: ChunkSpans,
+        /// The chunks the provider is fetching right now, in full (each frame replaces the
+        /// last). Peers avoid asking a seed for pieces another peer is already bringing in.
+        pending: ChunkSpans,
     },
     /// The manifest's canonical bytes; the receiver checks them against the id it wanted.
     Manifest(Vec<u8>),

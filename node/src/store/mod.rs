@@ -137,6 +137,8 @@ pub struct BlobHave {
     pub size: u64,
     /// Verified chunks.
     pub have: ChunkRanges,
+    /// Chunks being fetched right now.
+    pub pending: ChunkRanges,
     /// For a download in progress: wakes when more chunks are verified.
     pub changes: Option<tokio::sync::watch::Receiver<()>>,
 }
@@ -283,6 +285,7 @@ impl Store {
                 return Ok(Some(BlobHave {
                     size: partial.size(),
                     have: partial.have(),
+                    pending: partial.pending(),
                     changes: Some(partial.subscribe()),
                 }));
             }
@@ -291,11 +294,13 @@ impl Store {
             Some(BlobRecord::Complete { size, .. }) => Some(BlobHave {
                 size,
                 have: ranges::all_chunks(size),
+                pending: ChunkRanges::empty(),
                 changes: None,
             }),
             Some(BlobRecord::Partial { size, have }) => Some(BlobHave {
                 size,
                 have: ranges_from_pairs(&have, size),
+                pending: ChunkRanges::empty(),
                 changes: None,
             }),
             None => None,

@@ -45,6 +45,8 @@ pub struct PartialBlob {
     outboard: fs::File,
     /// Progress. A std mutex: held for range-set updates, never across I/O.
     state: Mutex<PartialState>,
+    /// Writers hold it shared while they write; completion takes it exclusively.
+    io_gate: std::sync::RwLock<()>,
     /// Bumped after every verified write, so subscribers can advertise new pieces at once.
     changed: tokio::sync::watch::Sender<()>,
 }
@@ -57,6 +59,8 @@ struct PartialState {
     unsynced: u64,
     /// Set once the blob moved into `blobs/`.
     complete: bool,
+    /// Chunks being fetched right now, advertised so peers don't fetch them from the seed too.
+    pending: ChunkRanges,
 }
 
 impl PartialBlob {
@@ -101,6 +105,7 @@ impl PartialBlob {
                 have,
                 ..Default::default()
             }),
+            io_gate: std::sync::RwLock::new(()),
             changed: tokio::sync::watch::channel(()).0,
         })
     }
@@ -125,6 +130,24 @@ impl PartialBlob {
         self.lock().have.clone()
     }
 
+    /// Chunks being fetched right now.
+    pub fn pending(&self) -> ChunkRanges {
+        self.lock().pending.clone()
+    }
+
+    /// Replaces the set of chunks being fetched and tells subscribers.
+    pub fn set_pending(&self, pending: ChunkRanges) {
+        let changed = {
+            let mut state = self.lock();
+            let changed = state.pending != pending;
+            state.pending = pending;
+            changed
+        };
+        if changed {
+            self.changed.send_replace(());
+        }
+    }
+
     /// Chunks still missing.
     pub fn missing(&self) -> ChunkRanges {
         ranges::all_chunks(self.size) - self.have()
@@ -142,8 +165,14 @@ impl PartialBlob {
 
     /// Writes one item the bao decoder has verified. Returns the data bytes newly added.
     pub fn write(&self, item: &BaoContentItem) -> Result<u64, StoreError> {
+        // Held across the positional write, so `complete` never records an mtime that a late
+        // duplicate write (endgame) then changes.
+        let gate = self.io_gate.read().expect("io gate poisoned");
         match item {
             BaoContentItem::Parent(parent) => {
+                if self.is_complete() {
+                    return Ok(0);
+                }
                 let mut ob = PostOrderOutboard {
                     root: self.hash.into(),
                     tree: self.tree(),
@@ -154,19 +183,27 @@ impl PartialBlob {
                 Ok(0)
             }
             BaoContentItem::Leaf(leaf) => {
-                self.data
-                    .write_all_at(&leaf.data, leaf.offset)
-                    .map_err(StoreError::io(&self.store.partial_path(self.hash, "data")))?;
                 let start = ChunkNum(leaf.offset / mesh_proto::CHUNK_BYTES);
                 let end = ChunkNum((leaf.offset + leaf.data.len() as u64).div_ceil(1024))
                     .max(ChunkNum(start.0 + 1));
                 let range = ChunkRanges::from(start..end);
+                {
+                    let state = self.lock();
+                    if state.complete || (range.clone() - &state.have).is_empty() {
+                        // Already here (a duplicate from the endgame): nothing to write.
+                        return Ok(0);
+                    }
+                }
+                self.data
+                    .write_all_at(&leaf.data, leaf.offset)
+                    .map_err(StoreError::io(&self.store.partial_path(self.hash, "data")))?;
                 let mut state = self.lock();
                 let new = ranges::byte_len(&(range - &state.have), self.size);
                 state.have |= ChunkRanges::from(start..end);
                 state.unsynced += new;
                 let due = state.unsynced >= CHECKPOINT_BYTES;
                 drop(state);
+                drop(gate);
                 self.changed.send_replace(());
                 if due {
                     self.checkpoint()?;
@@ -202,6 +239,7 @@ impl PartialBlob {
     }
 
     fn complete(&self) -> Result<(), StoreError> {
+        let _gate = self.io_gate.write().expect("io gate poisoned");
         let mut state = self.lock();
         if state.complete {
             return Ok(());

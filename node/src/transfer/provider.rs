@@ -102,6 +102,7 @@ impl Provider {
                     Response::Have {
                         size,
                         ranges: ranges::to_spans(&reader.have, size),
+                        pending: Default::default(),
                     }
                 }
                 Err(e) => Response::Error(error_code(&e)),
@@ -130,28 +131,34 @@ impl Provider {
         mut send: quinn::SendStream,
     ) -> Result<(), crate::net::StreamError> {
         let mut sent = ChunkRanges::empty();
+        let mut sent_pending = ChunkRanges::empty();
+        let mut first = true;
         loop {
             let store = self.store.clone();
             let Ok(Some(BlobHave {
                 size,
                 have,
+                pending,
                 changes,
             })) = blocking(move || store.have(hash)).await
             else {
-                if sent.is_empty() {
+                if first {
                     write_frame(&mut send, &Response::Error(ErrorCode::NotFound)).await?;
                 }
                 let _ = send.finish();
                 return Ok(());
             };
             let added = have.clone() - &sent;
-            if sent.is_empty() || !added.is_empty() {
+            if first || !added.is_empty() || pending != sent_pending {
                 let frame = Response::Have {
                     size,
                     ranges: ranges::to_spans(&added, size),
+                    pending: ranges::to_spans(&pending, size),
                 };
                 write_frame(&mut send, &frame).await?;
                 sent = have;
+                sent_pending = pending;
+                first = false;
             }
             let Some(mut watch) = changes else {
                 // Complete (or a partial nobody is writing): nothing more will come.

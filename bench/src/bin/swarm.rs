@@ -1,0 +1,160 @@
+//! Swarm benchmark: one seed to N peers on network-namespace hosts with tbf-shaped links,
+//! timed for mesh and, in the same run, for BitTorrent (aria2c + opentracker) and one HTTP
+//! server (nginx) via `shared/lab/bt_baseline.sh`. Prints seconds until the last peer holds a
+//! verified copy, the ratio to the bound F/R, and mesh's CPU seconds per GB delivered.
+//!
+//! `cargo build --release -p mesh-cli -p mesh-bench && target/release/swarm --peers 8`
+//! (as root; needs aria2c, opentracker, mktorrent, nginx and b3sum for the baselines).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use mesh_bench::*;
+use mesh_tests::{
+    netlab::{self, rate_bits, NetLab},
+    util::{mesh_bin, NodeProc},
+};
+
+#[derive(Parser, Debug)]
+struct Opt {
+    /// Peers fetching (hosts = peers + 1 seed).
+    #[arg(long, default_value_t = 8)]
+    peers: usize,
+    /// Per-host link rate, tc syntax.
+    #[arg(long, default_value = "50mbit")]
+    rate: String,
+    /// File size in MiB.
+    #[arg(long, default_value_t = 128)]
+    size_mib: u64,
+    /// Skip the BitTorrent baseline.
+    #[arg(long)]
+    no_bt: bool,
+    /// Skip the HTTP baseline.
+    #[arg(long)]
+    no_http: bool,
+    /// Path to shared/lab (default: ../shared/lab beside the repo).
+    #[arg(long)]
+    lab: Option<PathBuf>,
+}
+
+const KEY: &str = "bench-swarm-key";
+
+fn main() -> Result<()> {
+    let opt = Opt::parse();
+    if !netlab::available() {
+        bail!("the swarm benchmark needs root with ip and tc");
+    }
+    let tmp = tempfile::tempdir()?;
+    let size = opt.size_mib << 20;
+    let file = tmp.path().join("weights.bin");
+    make_file(&file, size)?;
+    let bound = size as f64 * 8.0 / rate_bits(&opt.rate)? as f64;
+
+    let (mesh_secs, cpu_per_gb) = run_mesh(&opt, tmp.path(), &file, size)?;
+    let lab_dir = opt.lab.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/lab")
+    });
+    let script = lab_dir.join("bt_baseline.sh");
+    let bt = (!opt.no_bt).then(|| baseline(&script, "bt", &opt, &file));
+    let http = (!opt.no_http).then(|| baseline(&script, "http", &opt, &file));
+
+    println!("\n{} MiB, 1 seed -> {} peers, {} per host; F/R = {:.1} s", opt.size_mib, opt.peers, opt.rate, bound);
+    println!("| tool | seconds | x F/R | CPU-s per GB delivered |");
+    println!("|---|---|---|---|");
+    println!("| mesh | {:.1} | {:.2} | {:.1} |", mesh_secs, mesh_secs / bound, cpu_per_gb);
+    for (name, result) in [("aria2c (BitTorrent)", bt), ("nginx (HTTP)", http)] {
+        match result {
+            Some(Ok(secs)) => println!("| {name} | {secs:.1} | {:.2} | |", secs / bound),
+            Some(Err(e)) => println!("| {name} | failed: {e:#} | | |"),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)> {
+    let lab = NetLab::up("msw", "10.82.0", opt.peers + 1, Some(&opt.rate))?;
+    let seed_home = dir.join("h1");
+    let add = Command::new(mesh_bin())
+        .env("MESH_HOME", &seed_home)
+        .env("MESH_KEY", KEY)
+        .arg("add")
+        .arg(file)
+        .args(["--name", "bench"])
+        .output()?;
+    if !add.status.success() {
+        bail!("mesh add: {}", String::from_utf8_lossy(&add.stderr));
+    }
+    let mut nodes = vec![NodeProc::start_in(&seed_home, Some(KEY), Some(&lab.ns(1)), &lab.addr(1), &[])?];
+    for i in 2..=opt.peers + 1 {
+        nodes.push(NodeProc::start_in(&dir.join(format!("h{i}")), Some(KEY), Some(&lab.ns(i)), &lab.addr(i), &[])?);
+    }
+    std::thread::sleep(Duration::from_secs(3)); // mDNS settles, as in a running lab
+    let cpu0: f64 = nodes.iter().map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0)).sum();
+    let child_cpu0 = children_cpu_secs();
+    let start = Instant::now();
+    let fetches: Vec<_> = nodes[1..]
+        .iter()
+        .map(|n| {
+            let out = n.home.join("out");
+            n.spawn_cli(&["fetch", "bench", "--json", "--to", out.to_str().unwrap()])
+        })
+        .collect();
+    let mut last = 0.0f64;
+    for (i, mut child) in fetches.into_iter().enumerate() {
+        let status = child.wait()?;
+        let done = start.elapsed().as_secs_f64();
+        eprintln!("peer {} done at {done:.1} s", i + 2);
+        last = last.max(done);
+        if !status.success() {
+            let mut err = String::new();
+            use std::io::Read;
+            child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            bail!("mesh fetch on host {} failed: {err}", i + 2);
+        }
+    }
+    let secs = last;
+    let cpu: f64 = nodes.iter().map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0)).sum::<f64>() - cpu0
+        + (children_cpu_secs() - child_cpu0);
+    let want = file_hash(file)?;
+    for n in &nodes[1..] {
+        if file_hash(&n.home.join("out/weights.bin"))? != want {
+            bail!("corrupt copy at {}", n.home.display());
+        }
+    }
+    let seed_sent = nodes[0].counter("mesh_bytes_sent_total");
+    let dup: u64 = nodes[1..].iter().map(|n| n.counter("mesh_bytes_duplicate_total")).sum();
+    let relayed: u64 = nodes[1..].iter().map(|n| n.counter("mesh_bytes_sent_total")).sum();
+    eprintln!(
+        "mesh: seed sent {:.2}x the file, peers relayed {:.2}x, duplicates received {:.2}x",
+        seed_sent as f64 / size as f64,
+        relayed as f64 / size as f64,
+        dup as f64 / size as f64
+    );
+    drop(nodes);
+    drop(lab);
+    let delivered_gb = (opt.peers as u64 * size) as f64 / 1e9;
+    Ok((secs, cpu / delivered_gb))
+}
+
+fn baseline(script: &Path, mode: &str, opt: &Opt, file: &Path) -> Result<f64> {
+    let out = Command::new("bash")
+        .arg(script)
+        .args([mode, &opt.peers.to_string(), &opt.rate])
+        .arg(file)
+        .env("NETLAB_PREFIX", "mbb")
+        .env("NETLAB_NET", "10.83.0")
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{mode} baseline failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().lines().last().context("no output")?.parse().context("baseline output")
+}
