@@ -606,7 +606,11 @@ impl Scheduler {
         let state = &self.peers[&addr];
         // A seed's upload is the swarm's scarcest resource: ask seeds only for pieces that no
         // other peer holds or is fetching, and let peers spread the rest among themselves.
-        let seeds = self.peers.values().filter(|p| !p.banned && p.is_seed()).count() as u16;
+        let seeds = self
+            .peers
+            .values()
+            .filter(|p| !p.banned && p.is_seed())
+            .count() as u16;
         let spare_seed = state.is_seed() && self.peers.len() > seeds as usize;
         let others = |piece: &Piece| piece.avail.saturating_sub(seeds) + piece.pending;
         let mut best: Option<((u16, u32), usize, usize)> = None;
@@ -730,7 +734,11 @@ async fn subscribe_task(
         let _ = send.finish();
         loop {
             match read_frame(&mut recv).await.map_err(|e| e.to_string())? {
-                Response::Have { size: s, ranges, pending } if s == size => {
+                Response::Have {
+                    size: s,
+                    ranges,
+                    pending,
+                } if s == size => {
                     let added = ranges::from_spans(&ranges, size);
                     let pending = ranges::from_spans(&pending, size);
                     if events

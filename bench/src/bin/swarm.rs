@@ -56,17 +56,26 @@ fn main() -> Result<()> {
     let bound = size as f64 * 8.0 / rate_bits(&opt.rate)? as f64;
 
     let (mesh_secs, cpu_per_gb) = run_mesh(&opt, tmp.path(), &file, size)?;
-    let lab_dir = opt.lab.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/lab")
-    });
+    let lab_dir = opt
+        .lab
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/lab"));
     let script = lab_dir.join("bt_baseline.sh");
     let bt = (!opt.no_bt).then(|| baseline(&script, "bt", &opt, &file));
     let http = (!opt.no_http).then(|| baseline(&script, "http", &opt, &file));
 
-    println!("\n{} MiB, 1 seed -> {} peers, {} per host; F/R = {:.1} s", opt.size_mib, opt.peers, opt.rate, bound);
+    println!(
+        "\n{} MiB, 1 seed -> {} peers, {} per host; F/R = {:.1} s",
+        opt.size_mib, opt.peers, opt.rate, bound
+    );
     println!("| tool | seconds | x F/R | CPU-s per GB delivered |");
     println!("|---|---|---|---|");
-    println!("| mesh | {:.1} | {:.2} | {:.1} |", mesh_secs, mesh_secs / bound, cpu_per_gb);
+    println!(
+        "| mesh | {:.1} | {:.2} | {:.1} |",
+        mesh_secs,
+        mesh_secs / bound,
+        cpu_per_gb
+    );
     for (name, result) in [("aria2c (BitTorrent)", bt), ("nginx (HTTP)", http)] {
         match result {
             Some(Ok(secs)) => println!("| {name} | {secs:.1} | {:.2} | |", secs / bound),
@@ -90,12 +99,27 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
     if !add.status.success() {
         bail!("mesh add: {}", String::from_utf8_lossy(&add.stderr));
     }
-    let mut nodes = vec![NodeProc::start_in(&seed_home, Some(KEY), Some(&lab.ns(1)), &lab.addr(1), &[])?];
+    let mut nodes = vec![NodeProc::start_in(
+        &seed_home,
+        Some(KEY),
+        Some(&lab.ns(1)),
+        &lab.addr(1),
+        &[],
+    )?];
     for i in 2..=opt.peers + 1 {
-        nodes.push(NodeProc::start_in(&dir.join(format!("h{i}")), Some(KEY), Some(&lab.ns(i)), &lab.addr(i), &[])?);
+        nodes.push(NodeProc::start_in(
+            &dir.join(format!("h{i}")),
+            Some(KEY),
+            Some(&lab.ns(i)),
+            &lab.addr(i),
+            &[],
+        )?);
     }
     std::thread::sleep(Duration::from_secs(3)); // mDNS settles, as in a running lab
-    let cpu0: f64 = nodes.iter().map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0)).sum();
+    let cpu0: f64 = nodes
+        .iter()
+        .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
+        .sum();
     let child_cpu0 = children_cpu_secs();
     let start = Instant::now();
     let fetches: Vec<_> = nodes[1..]
@@ -119,7 +143,11 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
         }
     }
     let secs = last;
-    let cpu: f64 = nodes.iter().map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0)).sum::<f64>() - cpu0
+    let cpu: f64 = nodes
+        .iter()
+        .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
+        .sum::<f64>()
+        - cpu0
         + (children_cpu_secs() - child_cpu0);
     let want = file_hash(file)?;
     for n in &nodes[1..] {
@@ -128,8 +156,14 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
         }
     }
     let seed_sent = nodes[0].counter("mesh_bytes_sent_total");
-    let dup: u64 = nodes[1..].iter().map(|n| n.counter("mesh_bytes_duplicate_total")).sum();
-    let relayed: u64 = nodes[1..].iter().map(|n| n.counter("mesh_bytes_sent_total")).sum();
+    let dup: u64 = nodes[1..]
+        .iter()
+        .map(|n| n.counter("mesh_bytes_duplicate_total"))
+        .sum();
+    let relayed: u64 = nodes[1..]
+        .iter()
+        .map(|n| n.counter("mesh_bytes_sent_total"))
+        .sum();
     eprintln!(
         "mesh: seed sent {:.2}x the file, peers relayed {:.2}x, duplicates received {:.2}x",
         seed_sent as f64 / size as f64,
@@ -156,5 +190,10 @@ fn baseline(script: &Path, mode: &str, opt: &Opt, file: &Path) -> Result<f64> {
         bail!("{mode} baseline failed");
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    text.trim().lines().last().context("no output")?.parse().context("baseline output")
+    text.trim()
+        .lines()
+        .last()
+        .context("no output")?
+        .parse()
+        .context("baseline output")
 }
