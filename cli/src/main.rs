@@ -40,7 +40,7 @@ struct Cli {
     #[arg(long, global = true)]
     log_json: bool,
     /// Don't look for peers with mDNS (only --peer addresses are used).
-    #[arg(long, env = "MESH_NO_MDNS", global = true)]
+    #[arg(long, env = "MESH_NO_MDNS", global = true, value_parser = clap::builder::FalseyValueParser::new())]
     no_mdns: bool,
     #[command(subcommand)]
     command: Command,
@@ -76,7 +76,8 @@ enum Command {
     },
     /// Fetch a model (by name or id) from LAN peers into a folder.
     Fetch {
-        /// Model name or 64-hex-digit id.
+        /// A catalog name (sd3.5_large), a model id, or a HuggingFace repo: org/name[@revision]
+        /// or hf://org/name.
         model: String,
         /// A peer to fetch from besides those found by mDNS, IP:PORT; repeat for several.
         #[arg(long = "peer")]
@@ -84,6 +85,21 @@ enum Command {
         /// Target folder [default: ./<model name>].
         #[arg(long)]
         to: Option<PathBuf>,
+        /// HuggingFace revision (branch, tag or commit); same as org/name@revision.
+        #[arg(long)]
+        revision: Option<String>,
+        /// Only files matching this glob (HuggingFace repos); repeatable.
+        #[arg(long)]
+        include: Vec<String>,
+        /// Skip files matching this glob (HuggingFace repos); repeatable.
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Show each file, its size and where it would come from; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also put the model into the HuggingFace cache (HF_HUB_CACHE / HF_HOME), linked.
+        #[arg(long)]
+        hf_cache: bool,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
@@ -185,6 +201,7 @@ async fn run(cli: Cli) -> Result<()> {
                     mesh_key,
                     max_upload: max_upload.or(config.max_upload),
                     mdns: !cli.no_mdns,
+                    aliases: config.aliases.clone(),
                 };
             run_node(config).await
         }
@@ -193,13 +210,30 @@ async fn run(cli: Cli) -> Result<()> {
             model,
             peers,
             to,
+            revision,
+            include,
+            exclude,
+            dry_run,
+            hf_cache,
             json,
         } => {
-            let node = embedded_config(home.clone(), mesh_key, !cli.no_mdns, config.max_upload);
-            run_fetch(node, model, peers, to, json).await
+            let model = match revision {
+                Some(rev) if !model.contains('@') => format!("{model}@{rev}"),
+                Some(_) => anyhow::bail!("give the revision once: as --revision or as @revision"),
+                None => model,
+            };
+            let node = embedded_config(home.clone(), mesh_key, !cli.no_mdns, &config);
+            let opts = FetchOpts {
+                include,
+                exclude,
+                dry_run,
+                hf_cache: hf_cache || config.hf_cache,
+                json,
+            };
+            run_fetch(node, model, peers, to, opts).await
         }
         Command::Peers { json } => {
-            let node = embedded_config(home.clone(), mesh_key, !cli.no_mdns, config.max_upload);
+            let node = embedded_config(home.clone(), mesh_key, !cli.no_mdns, &config);
             peers(node, json).await
         }
         Command::Ls { json } => ls(&home, json).await,
@@ -283,15 +317,16 @@ fn embedded_config(
     home: PathBuf,
     mesh_key: Option<String>,
     mdns: bool,
-    max_upload: Option<u64>,
+    config: &ConfigFile,
 ) -> NodeConfig {
     NodeConfig {
         home,
         listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
         api: None,
         mesh_key,
-        max_upload,
+        max_upload: config.max_upload,
         mdns,
+        aliases: config.aliases.clone(),
     }
 }
 
@@ -329,25 +364,47 @@ impl std::fmt::Display for FetchFailed {
 
 impl std::error::Error for FetchFailed {}
 
+/// `mesh fetch` options passed through to the node.
+struct FetchOpts {
+    include: Vec<String>,
+    exclude: Vec<String>,
+    dry_run: bool,
+    hf_cache: bool,
+    json: bool,
+}
+
 async fn run_fetch(
     node: NodeConfig,
     model: String,
     peers: Vec<SocketAddr>,
     to: Option<PathBuf>,
-    json: bool,
+    opts: FetchOpts,
 ) -> Result<()> {
+    let json = opts.json;
     let model_ref: ModelRef = model.parse().context("bad model name")?;
     let to = match to {
         Some(to) => std::path::absolute(to)?,
         None => std::env::current_dir()?.join(match &model_ref {
-            ModelRef::Name(name) => name.replace('/', "--"),
+            ModelRef::Name(name) => {
+                let name = name.strip_prefix("hf://").unwrap_or(name);
+                let name = name.split('@').next().unwrap_or(name);
+                name.replace('/', "--")
+            }
             ModelRef::Id(id) => id.fmt_short(),
         }),
     };
-    let show = std::io::stderr().is_terminal() && !json;
+    let show = std::io::stderr().is_terminal() && !json && !opts.dry_run;
     let report = if let Some(client) = NodeClient::discover(&node.home).await {
         // A node runs on this store: it does the fetch and keeps serving afterwards.
-        let body = FetchBody { model, peers, to };
+        let body = FetchBody {
+            model,
+            peers,
+            to,
+            include: opts.include,
+            exclude: opts.exclude,
+            dry_run: opts.dry_run,
+            hf_cache: opts.hf_cache,
+        };
         let mut bar: Option<ProgressBar> = None;
         let mut outcome = None;
         client
@@ -388,6 +445,10 @@ async fn run_fetch(
             model: model_ref,
             peers,
             to,
+            include: opts.include,
+            exclude: opts.exclude,
+            dry_run: opts.dry_run,
+            hf_cache: opts.hf_cache,
         };
         let result = node
             .fetcher()
@@ -410,14 +471,34 @@ async fn run_fetch(
     };
     if json {
         println!("{}", serde_json::to_string(&report)?);
+    } else if let Some(plan) = &report.plan {
+        if let Some(source) = &report.source {
+            println!("{} = {source}", report.name);
+        }
+        println!("{:<48} {:>10}  FROM", "FILE", "SIZE");
+        for entry in plan {
+            let origin = serde_json::to_value(entry.origin)?;
+            println!(
+                "{:<48} {:>10}  {}",
+                entry.path,
+                human_bytes(entry.size),
+                origin.as_str().unwrap_or("?")
+            );
+        }
+        println!(
+            "{} files, {} (dry run: nothing moved)",
+            plan.len(),
+            human_bytes(report.total_bytes)
+        );
     } else {
         eprintln!(
-            "{}: {} files, {} in {} ({} from peers, {} already here)",
+            "{}: {} files, {} in {} ({} from peers, {} from HuggingFace, {} already here)",
             report.name,
             report.files,
             human_bytes(report.total_bytes),
             report.to.display(),
             human_bytes(report.bytes_from_peers),
+            human_bytes(report.bytes_from_hf),
             human_bytes(report.bytes_already_local),
         );
     }

@@ -168,6 +168,18 @@ pub struct FetchBody {
     pub peers: Vec<SocketAddr>,
     /// Absolute target folder.
     pub to: PathBuf,
+    /// Include globs (HuggingFace repos).
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Exclude globs (HuggingFace repos).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Only plan.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Also export to the HuggingFace cache.
+    #[serde(default)]
+    pub hf_cache: bool,
 }
 
 /// One line of the `POST /v1/fetch` NDJSON stream.
@@ -231,6 +243,10 @@ async fn fetch(
         model,
         peers: body.peers,
         to: body.to,
+        include: body.include,
+        exclude: body.exclude,
+        dry_run: body.dry_run,
+        hf_cache: body.hf_cache,
     };
     // The fetch runs to the end even if the client goes away: the blobs stay useful.
     tokio::spawn(async move {

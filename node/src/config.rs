@@ -17,6 +17,12 @@ pub struct ConfigFile {
     pub api: Option<SocketAddr>,
     /// Upload limit, bytes per second.
     pub max_upload: Option<u64>,
+    /// Model aliases: short name -> HuggingFace repo and files.
+    #[serde(default)]
+    pub aliases: std::collections::BTreeMap<String, crate::catalog::CatalogEntry>,
+    /// Materialize fetched HuggingFace models into the HF cache by default.
+    #[serde(default)]
+    pub hf_cache: bool,
 }
 
 /// A config file that can't be read or parsed.

@@ -11,7 +11,7 @@
 //!    under a temporary name and rename it into place: a file appears only when whole.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs, io,
     net::SocketAddr,
     os::unix::fs::MetadataExt,
@@ -28,6 +28,10 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::{
+    catalog::{self, CatalogEntry},
+    hf_cache::{self, HfCacheError},
+    hub::{HubError, RepoRef},
+    hub_fetch::{Origin, PlanEntry},
     metrics::Metrics,
     net::{read_frame, write_frame, ConnectError},
     peers::Peers,
@@ -37,7 +41,7 @@ use crate::{
 };
 
 /// How long a fetch by name waits for discovered peers to offer the manifest.
-const RESOLVE_WAIT: Duration = Duration::from_secs(4);
+const RESOLVE_WAIT: Duration = Duration::from_secs(8);
 
 /// What to fetch and where to put it.
 #[derive(Clone, Debug)]
@@ -48,6 +52,14 @@ pub struct FetchRequest {
     pub peers: Vec<SocketAddr>,
     /// The folder the files go to.
     pub to: PathBuf,
+    /// For HuggingFace repos: only files matching these globs (all when empty).
+    pub include: Vec<String>,
+    /// For HuggingFace repos: skip files matching these globs.
+    pub exclude: Vec<String>,
+    /// Only say what would move and from where.
+    pub dry_run: bool,
+    /// Also materialize into the HuggingFace cache layout.
+    pub hf_cache: bool,
 }
 
 /// Live progress, one counter per file (bytes present, verified).
@@ -85,10 +97,16 @@ pub struct FetchReport {
     pub bytes_already_local: u64,
     /// Verified bytes received from peers in this run.
     pub bytes_from_peers: u64,
+    /// Bytes downloaded from HuggingFace in this run.
+    pub bytes_from_hf: u64,
     /// Peers that sent data.
     pub peers_used: Vec<SocketAddr>,
     /// Wall time of the run.
     pub seconds: f64,
+    /// `org/name@commit` for models from HuggingFace.
+    pub source: Option<String>,
+    /// With `--dry-run`: each file, its size and where it would come from.
+    pub plan: Option<Vec<PlanEntry>>,
 }
 
 /// Why a fetch failed.
@@ -133,6 +151,21 @@ pub enum FetchError {
     /// The download failed (no peer could provide a piece, or the store failed).
     #[error(transparent)]
     Download(#[from] DownloadError),
+    /// HuggingFace refused, failed, or sent bytes that don't match its own hashes.
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    /// No file of the repo passed the include/exclude globs.
+    #[error("no file of {0} matches the --include/--exclude globs")]
+    NothingSelected(String),
+    /// A glob did not parse.
+    #[error("bad glob: {0}")]
+    BadGlob(String),
+    /// `--hf-cache` but no cache folder could be found.
+    #[error("no HuggingFace cache folder: set HF_HUB_CACHE or HF_HOME")]
+    NoHfCache,
+    /// Writing the HuggingFace cache layout failed.
+    #[error(transparent)]
+    HfCache(#[from] HfCacheError),
     /// A local store error.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -158,18 +191,27 @@ pub struct Fetcher {
     pub metrics: Arc<Metrics>,
     /// Whether mDNS runs (so waiting a moment for peers to show up makes sense).
     pub discovery: bool,
+    /// Short names from the config file, over the built-in catalog.
+    pub aliases: Arc<BTreeMap<String, CatalogEntry>>,
     /// One async lock per blob being fetched.
     locks: Arc<Mutex<HashMap<Hash, Weak<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Fetcher {
     /// A fetcher for a node's store and peers.
-    pub fn new(store: Store, peers: Peers, metrics: Arc<Metrics>, discovery: bool) -> Self {
+    pub fn new(
+        store: Store,
+        peers: Peers,
+        metrics: Arc<Metrics>,
+        discovery: bool,
+        aliases: BTreeMap<String, CatalogEntry>,
+    ) -> Self {
         Self {
             store,
             peers,
             metrics,
             discovery,
+            aliases: Arc::new(aliases),
             locks: Arc::default(),
         }
     }
@@ -177,6 +219,45 @@ impl Fetcher {
     /// Fetches a model into `req.to`. `on_start` receives the progress counters once the
     /// model is resolved and checked.
     pub async fn fetch(
+        &self,
+        req: FetchRequest,
+        on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
+    ) -> Result<FetchReport, FetchError> {
+        if let ModelRef::Name(name) = &req.model {
+            let hub_source = match catalog::lookup(name, &self.aliases) {
+                Some(entry) => {
+                    let repo = RepoRef::parse(&format!("{}@{}", entry.repo, entry.revision));
+                    repo.map(|r| (name.clone(), r, entry.file_map()))
+                }
+                None => RepoRef::parse(name).map(|r| (r.repo.clone(), r, Vec::new())),
+            };
+            if let Some((model_name, repo, files)) = hub_source {
+                // `on_start` can only be called once: hand it over only if the Hub answers.
+                let hub = crate::hub::Hub::from_env();
+                match hub.repo_info(&repo).await {
+                    Ok(_) => {
+                        return self
+                            .fetch_hub(&req, model_name, repo, files, on_start)
+                            .await
+                    }
+                    Err(e @ (HubError::Offline | HubError::Http { .. })) => {
+                        // Offline or unreachable: the mesh may still have it under this name.
+                        tracing::warn!("{e}; looking for {model_name} in the mesh instead");
+                        let req = FetchRequest {
+                            model: ModelRef::Name(model_name),
+                            ..req
+                        };
+                        return Box::pin(self.fetch_mesh(req, on_start)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.fetch_mesh(req, on_start).await
+    }
+
+    /// Fetches a model known by manifest (id or name) from the store and peers.
+    async fn fetch_mesh(
         &self,
         req: FetchRequest,
         on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
@@ -200,6 +281,9 @@ impl Fetcher {
             Some(manifest) => manifest,
             None => self.resolve(&req.model, &mut connect_errors).await?,
         };
+        if req.dry_run {
+            return self.plan_mesh(&manifest, &req, started).await;
+        }
         check_target(&req.to)?;
 
         // Whoever holds a blob's lock is downloading it; a second fetch of the same model
@@ -227,7 +311,7 @@ impl Fetcher {
             .map(|f| f.done.load(Ordering::Relaxed))
             .sum();
         let missing = manifest.total_size() - already;
-        check_space(&store, &req.to, &manifest, missing)?;
+        check_space(&store, &req.to, missing, manifest.total_size())?;
         on_start(&manifest, progress.clone());
 
         let received_before = self.metrics.bytes_received.load(Ordering::Relaxed);
@@ -290,9 +374,25 @@ impl Fetcher {
             total_bytes: manifest.total_size(),
             bytes_already_local: already,
             bytes_from_peers: self.metrics.bytes_received.load(Ordering::Relaxed) - received_before,
+            bytes_from_hf: 0,
             peers_used,
             seconds: started.elapsed().as_secs_f64(),
+            source: match manifest.source() {
+                mesh_proto::Source::HuggingFace { repo, commit } => {
+                    Some(format!("{repo}@{commit}"))
+                }
+                _ => None,
+            },
+            plan: None,
         };
+        if req.hf_cache {
+            let cache = hf_cache::cache_dir().ok_or(FetchError::NoHfCache)?;
+            let store = self.store.clone();
+            let m = manifest.clone();
+            tokio::task::spawn_blocking(move || hf_cache::export(&store, &m, "main", &cache))
+                .await
+                .expect("export task panicked")?;
+        }
         info!(
             model = %report.name,
             bytes = report.bytes_from_peers,
@@ -300,6 +400,44 @@ impl Fetcher {
             "fetch complete"
         );
         Ok(report)
+    }
+
+    /// `--dry-run` for a mesh model: each file and whether it is here or must come from peers.
+    async fn plan_mesh(
+        &self,
+        manifest: &Manifest,
+        req: &FetchRequest,
+        started: Instant,
+    ) -> Result<FetchReport, FetchError> {
+        let mut plan = Vec::new();
+        let mut local = 0;
+        for file in manifest.files() {
+            let store = self.store.clone();
+            let (hash, size) = (file.hash, file.size);
+            let here = blocking(move || store.status(hash, size)).await? == BlobStatus::Complete;
+            if here {
+                local += file.size;
+            }
+            plan.push(PlanEntry {
+                path: file.path.to_string(),
+                size: file.size,
+                origin: if here { Origin::Local } else { Origin::Peer },
+            });
+        }
+        Ok(FetchReport {
+            id: manifest.id().to_string(),
+            name: manifest.name().to_string(),
+            to: req.to.clone(),
+            files: manifest.files().len(),
+            total_bytes: manifest.total_size(),
+            bytes_already_local: local,
+            bytes_from_peers: 0,
+            bytes_from_hf: 0,
+            peers_used: Vec::new(),
+            seconds: started.elapsed().as_secs_f64(),
+            source: None,
+            plan: Some(plan),
+        })
     }
 
     /// Asks connected peers for the manifest, waiting up to [`RESOLVE_WAIT`] for discovery to
@@ -453,7 +591,7 @@ async fn open_partials(
     .await?)
 }
 
-fn check_target(to: &Path) -> Result<(), FetchError> {
+pub(crate) fn check_target(to: &Path) -> Result<(), FetchError> {
     let not_writable = |source| FetchError::TargetNotWritable {
         path: to.to_path_buf(),
         source,
@@ -465,18 +603,18 @@ fn check_target(to: &Path) -> Result<(), FetchError> {
     Ok(())
 }
 
-fn check_space(
+pub(crate) fn check_space(
     store: &Store,
     to: &Path,
-    manifest: &Manifest,
     missing: u64,
+    total: u64,
 ) -> Result<(), FetchError> {
     let outboards = missing / 256;
     let mut checks = vec![(store.home().to_path_buf(), missing + outboards)];
     let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
     if dev(store.home()) != dev(to) {
         // Hard links can't cross file systems: the target needs a full copy.
-        checks.push((to.to_path_buf(), manifest.total_size()));
+        checks.push((to.to_path_buf(), total));
     }
     for (path, need) in checks {
         let available = fs4::available_space(&path).map_err(|e| {
@@ -497,7 +635,7 @@ fn check_space(
 }
 
 /// Links (or copies across file systems) each file into `to`, atomically.
-fn materialize(store: &Store, manifest: &Manifest, to: &Path) -> Result<(), FetchError> {
+pub(crate) fn materialize(store: &Store, manifest: &Manifest, to: &Path) -> Result<(), FetchError> {
     for file in manifest.files() {
         let dest = file.path.under(to);
         let err = |source| FetchError::Materialize {
@@ -549,6 +687,10 @@ impl FetchError {
             }
             Self::Download(DownloadError::NoSource { .. }) => 4,
             Self::TargetNotWritable { .. } | Self::NoSpace { .. } => 6,
+            Self::Hub(HubError::NotFound(_)) => 3,
+            Self::Hub(HubError::Mismatch { .. }) => 5,
+            Self::Hub(_) => 4,
+            Self::NothingSelected(_) | Self::BadGlob(_) => 2,
             _ => 1,
         }
     }
@@ -564,6 +706,9 @@ impl FetchError {
             }
             Self::UnknownModel(_) => Some("`mesh ls` on a peer lists the models it has"),
             Self::NoSpace { .. } => Some("free some space or set MESH_HOME to a bigger disk"),
+            Self::Hub(HubError::Unauthorized { .. }) => Some(
+                "accept the model's terms on huggingface.co, then set HF_TOKEN (or run `huggingface-cli login`)",
+            ),
             _ => None,
         }
     }

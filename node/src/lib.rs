@@ -11,9 +11,13 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod catalog;
 pub mod config;
 pub mod discovery;
 pub mod fetch;
+pub mod hf_cache;
+pub mod hub;
+pub mod hub_fetch;
 pub mod metrics;
 pub mod net;
 pub mod node;

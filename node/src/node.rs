@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub max_upload: Option<u64>,
     /// Find peers with mDNS.
     pub mdns: bool,
+    /// Model aliases from the config file.
+    pub aliases: std::collections::BTreeMap<String, crate::catalog::CatalogEntry>,
 }
 
 /// Why a node could not start.
@@ -151,6 +153,7 @@ impl Node {
             peers.clone(),
             metrics.clone(),
             discovered.is_some(),
+            config.aliases.clone(),
         );
         let danger_corrupt_uploads =
             std::env::var("MESH_DANGER_CORRUPT_UPLOADS").is_ok_and(|v| v == "1");

@@ -69,6 +69,12 @@ pub fn mesh_cmd(home: &Path, key: Option<&str>, netns: Option<&str>) -> Command 
     cmd.env("MESH_HOME", home)
         .env_remove("MESH_KEY")
         .env_remove("RUST_LOG");
+    if netns.is_none() {
+        // Loopback tests name their peers; mDNS would let concurrent tests find each other.
+        cmd.env("MESH_NO_MDNS", "1");
+    } else {
+        cmd.env_remove("MESH_NO_MDNS");
+    }
     if let Some(key) = key {
         cmd.env("MESH_KEY", key);
     }
@@ -289,4 +295,77 @@ pub fn finish(mut child: Child, what: &str, timeout: Duration) -> Output {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     out
+}
+
+/// A running `fake-hf` (the local HuggingFace stand-in); killed when dropped.
+pub struct FakeHub {
+    /// The process.
+    pub child: Child,
+    /// `http://IP:PORT` to use as `HF_ENDPOINT`.
+    pub endpoint: String,
+}
+
+impl FakeHub {
+    /// Starts `fake-hf` with extra arguments (`--repo org/name=DIR`, `--gated`, `--corrupt`),
+    /// listening on `ip` (API and CDN), optionally inside a namespace.
+    pub fn start(dir: &Path, netns: Option<&str>, ip: &str, args: &[&str]) -> Result<Self> {
+        let bin = mesh_bin().with_file_name("fake-hf");
+        let addr_file = dir.join("fake-hf.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
+            .args([
+                "--listen",
+                &format!("{ip}:0"),
+                "--cdn",
+                &format!("{ip}:0"),
+                "--addr-file",
+            ])
+            .arg(&addr_file)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let mut hub = Self {
+            child,
+            endpoint: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hub.endpoint.is_empty() {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                if let Some(api) = text.split_whitespace().next() {
+                    hub.endpoint = format!("http://{api}");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("fake-hf did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(hub)
+    }
+
+    /// Body bytes the fake Hub has served so far (API and CDN).
+    pub fn served_bytes(&self) -> u64 {
+        let addr: SocketAddr = self.endpoint.trim_start_matches("http://").parse().unwrap();
+        let body = http_get(addr, "/_stats").expect("fake-hf stats");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["served_bytes"].as_u64().unwrap()
+    }
+}
+
+impl Drop for FakeHub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

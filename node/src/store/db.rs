@@ -9,6 +9,8 @@ use super::{BlobRecord, StoreError};
 const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
 /// Model id -> canonical manifest bytes.
 const MODELS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("models");
+/// HuggingFace etag (LFS sha256 or git blob id) -> BLAKE3 root of a verified blob.
+const ETAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("etags");
 /// Model name -> model id (the latest manifest added or fetched under that name).
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
 
@@ -18,6 +20,7 @@ pub(super) fn init(db: &redb::Database) -> Result<(), StoreError> {
     tx.open_table(BLOBS).map_err(redb::Error::from)?;
     tx.open_table(MODELS).map_err(redb::Error::from)?;
     tx.open_table(NAMES).map_err(redb::Error::from)?;
+    tx.open_table(ETAGS).map_err(redb::Error::from)?;
     tx.commit().map_err(redb::Error::from)?;
     Ok(())
 }
@@ -119,4 +122,29 @@ pub(super) fn manifests(db: &redb::Database) -> Result<Vec<Manifest>, StoreError
         out.push(Manifest::decode(bytes.value())?);
     }
     Ok(out)
+}
+
+pub(super) fn put_etag(db: &redb::Database, etag: &str, hash: Hash) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut table = tx.open_table(ETAGS).map_err(redb::Error::from)?;
+        table
+            .insert(etag, hash.as_bytes().as_slice())
+            .map_err(redb::Error::from)?;
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+pub(super) fn etag(db: &redb::Database, etag: &str) -> Result<Option<Hash>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = tx.open_table(ETAGS).map_err(redb::Error::from)?;
+    let Some(bytes) = table.get(etag).map_err(redb::Error::from)? else {
+        return Ok(None);
+    };
+    let bytes: [u8; 32] = bytes
+        .value()
+        .try_into()
+        .map_err(|_| postcard::Error::DeserializeUnexpectedEnd)?;
+    Ok(Some(Hash::from(bytes)))
 }

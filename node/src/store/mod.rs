@@ -357,6 +357,56 @@ impl Store {
         })
     }
 
+    /// The complete blob known under a HuggingFace etag, if any.
+    pub fn blob_for_etag(&self, etag: &str) -> Result<Option<Hash>, StoreError> {
+        let Some(hash) = db::etag(&self.inner.db, etag)? else {
+            return Ok(None);
+        };
+        Ok(self.data_path(hash).ok().map(|_| hash))
+    }
+
+    /// Records that the blob `hash` was checked against the HuggingFace etag `etag`.
+    pub fn record_etag(&self, etag: &str, hash: Hash) -> Result<(), StoreError> {
+        db::put_etag(&self.inner.db, etag, hash)
+    }
+
+    /// Where a HuggingFace download of `etag` is kept until it is verified.
+    pub fn hub_part_path(&self, etag: &str) -> PathBuf {
+        self.inner
+            .home
+            .join("partial")
+            .join(format!("hf-{etag}.part"))
+    }
+
+    /// Takes a verified file into the store (moving it into `blobs/`) and returns its BLAKE3
+    /// root and size.
+    pub fn import_owned(&self, path: &Path) -> Result<(Hash, u64), StoreError> {
+        let file = fs::File::open(path).map_err(StoreError::io(path))?;
+        let size = file.metadata().map_err(StoreError::io(path))?.len();
+        let tmp = path.with_extension("obao.tmp");
+        let outboard = fs::File::create(&tmp).map_err(StoreError::io(&tmp))?;
+        let hash =
+            import::outboard_post_order(&file, size, &outboard).map_err(StoreError::io(path))?;
+        outboard.sync_all().map_err(StoreError::io(&tmp))?;
+        if size == 0 || self.data_path(hash).is_ok() {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(path);
+            return Ok((hash, size));
+        }
+        let data_path = self.blob_path(hash, "data");
+        let ob_path = self.outboard_path(hash);
+        fs::rename(&tmp, &ob_path).map_err(StoreError::io(&ob_path))?;
+        fs::rename(path, &data_path).map_err(StoreError::io(&data_path))?;
+        let meta = fs::metadata(&data_path).map_err(StoreError::io(&data_path))?;
+        let record = BlobRecord::Complete {
+            size,
+            location: Location::Store,
+            mtime: mtime_of(&meta),
+        };
+        db::put_blob(&self.inner.db, hash, &record)?;
+        Ok((hash, size))
+    }
+
     /// Drops a complete blob whose bytes no longer match (changed on disk or failed
     /// verification while being served), so it is never served again.
     pub fn forget_blob(&self, hash: Hash) -> Result<(), StoreError> {
