@@ -29,7 +29,7 @@ use crate::{
 
 /// What the API handlers share.
 #[derive(Clone, Debug)]
-pub(crate) struct ApiState {
+pub struct ApiState {
     pub(crate) store: Store,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) token: String,
@@ -81,6 +81,7 @@ pub(crate) async fn serve(
         .route("/v1/add", post(add))
         .route("/v1/fetch", post(fetch))
         .route("/v1/peers", get(peers))
+        .merge(crate::hf_api::router())
         .with_state(state);
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)

@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod config;
 pub mod discovery;
 pub mod fetch;
+pub mod hf_api;
 pub mod hf_cache;
 pub mod hub;
 pub mod hub_fetch;

@@ -135,11 +135,27 @@ impl NodeProc {
         listen_ip: &str,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_env(home, key, netns, listen_ip, extra, &[])
+    }
+
+    /// As [`NodeProc::start_in`], with extra environment variables for the node.
+    pub fn start_env(
+        home: &Path,
+        key: Option<&str>,
+        netns: Option<&str>,
+        listen_ip: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         std::fs::create_dir_all(home)?;
         let info_path = home.join("node.json");
         let _ = std::fs::remove_file(&info_path);
         let log = std::fs::File::create(home.join("node.log"))?;
-        let child = mesh_cmd(home, key, netns)
+        let mut cmd = mesh_cmd(home, key, netns);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .args([
                 "node",
                 "--listen",

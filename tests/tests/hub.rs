@@ -371,3 +371,89 @@ fn hf_cache_export_loads_offline_with_huggingface_hub() {
     let weight = std::fs::metadata(Path::new(&snapshot).join("sd3.5_large.safetensors")).unwrap();
     assert!(weight.nlink() >= 2, "the cache blob is a copy, not a link");
 }
+
+/// The real Python client downloads through a node's HF-compatible endpoint: the node pulls
+/// from (fake) HuggingFace once and serves the files itself.
+#[test]
+fn snapshot_download_through_the_node_endpoint_is_byte_identical() {
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import huggingface_hub"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !python {
+        eprintln!("SKIPPED snapshot_download_through_the_node_endpoint_is_byte_identical: python3 with huggingface_hub is missing (scripts/test installs it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    make_repo(&repo);
+    let hub = FakeHub::start(
+        tmp.path(),
+        None,
+        "127.0.0.1",
+        &["--repo", &format!("{REPO}={}", repo.display())],
+    )
+    .unwrap();
+    let home = tmp.path().join("node");
+    let hf_home = home.join("hf-home");
+    let node = NodeProc::start_env(
+        &home,
+        None,
+        None,
+        "127.0.0.1",
+        &[],
+        &[
+            ("HF_ENDPOINT", hub.endpoint.as_str()),
+            ("HF_HOME", hf_home.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let script = format!(
+        "import sys\nfrom huggingface_hub import snapshot_download, hf_hub_download\n\
+         p = snapshot_download('{REPO}')\nprint(p)\n\
+         f = hf_hub_download('{REPO}', 'sd3.5_large.safetensors', force_download=True)\nprint(f)\n"
+    );
+    let client_home = tmp.path().join("client-hf-home");
+    let run = |what: &str| {
+        let py = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .env("HF_ENDPOINT", format!("http://{}", node.api))
+            .env("HF_HOME", &client_home)
+            .env("HF_HUB_DISABLE_XET", "1")
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .unwrap();
+        eprintln!(
+            "python ({what}): {}\n{}",
+            String::from_utf8_lossy(&py.stdout),
+            String::from_utf8_lossy(&py.stderr)
+        );
+        assert!(
+            py.status.success(),
+            "snapshot_download through the node failed ({what})"
+        );
+        String::from_utf8_lossy(&py.stdout)
+            .lines()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let snapshot = run("first");
+    assert_same_tree(&repo, Path::new(&snapshot));
+    let size = total_size(&repo);
+    assert_eq!(
+        hub.served_bytes(),
+        size,
+        "the node pulled more than the repo from HF"
+    );
+    // Again: everything comes from the node's store; HF serves nothing more.
+    run("second");
+    assert_eq!(
+        hub.served_bytes(),
+        size,
+        "the second client download reached HF"
+    );
+}

@@ -240,6 +240,11 @@ impl Store {
         db::manifest(&self.inner.db, model)
     }
 
+    /// Every manifest in the store.
+    pub fn manifests(&self) -> Result<Vec<Manifest>, StoreError> {
+        db::manifests(&self.inner.db)
+    }
+
     /// Every known model, with whether all its blobs are complete.
     pub fn models(&self) -> Result<Vec<ModelSummary>, StoreError> {
         let mut out = Vec::new();
