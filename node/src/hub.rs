@@ -134,12 +134,19 @@ pub struct RepoInfo {
     pub commit: String,
     /// Its files.
     pub files: Vec<HubFile>,
+    /// Gated or private: its files may only go to mesh members.
+    pub restricted: bool,
 }
 
 #[derive(Deserialize)]
 struct RevisionJson {
     sha: String,
     siblings: Vec<SiblingJson>,
+    #[serde(default)]
+    private: bool,
+    /// `false`, or `"auto"`/`"manual"` for gated repos.
+    #[serde(default)]
+    gated: serde_json::Value,
 }
 
 #[derive(Deserialize)]
@@ -258,10 +265,15 @@ impl Hub {
                 git_oid: git_oid.to_ascii_lowercase(),
             });
         }
+        let gated = !matches!(
+            info.gated,
+            serde_json::Value::Bool(false) | serde_json::Value::Null
+        );
         Ok(RepoInfo {
             repo: repo.repo.clone(),
             commit: info.sha,
             files,
+            restricted: info.private || gated,
         })
     }
 

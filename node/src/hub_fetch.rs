@@ -280,7 +280,14 @@ impl Fetcher {
         .map_err(crate::store::StoreError::from)?;
         let store = self.store.clone();
         let m = manifest.clone();
-        blocking(move || store.insert_manifest(&m)).await?;
+        let restricted = info.restricted;
+        blocking(move || {
+            if restricted {
+                store.restrict(&m)?;
+            }
+            store.insert_manifest(&m)
+        })
+        .await?;
         let store = self.store.clone();
         let m = manifest.clone();
         let to = req.to.clone();

@@ -165,6 +165,7 @@ impl Node {
             metrics: metrics.clone(),
             upload_limit: config.max_upload.map(|rate| Arc::new(RateLimit::new(rate))),
             peers: peers.clone(),
+            open_mode: config.mesh_key.is_none(),
             danger_corrupt_uploads,
         };
         tasks.spawn(

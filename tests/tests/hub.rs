@@ -457,3 +457,79 @@ fn snapshot_download_through_the_node_endpoint_is_byte_identical() {
         "the second client download reached HF"
     );
 }
+
+/// A model fetched from a gated repo is never served in open mode, and is served to members.
+#[test]
+fn gated_models_are_served_to_members_only_never_in_open_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    make_repo(&repo);
+    let hub = FakeHub::start(
+        tmp.path(),
+        None,
+        "127.0.0.1",
+        &[
+            "--repo",
+            &format!("org/gated={}", repo.display()),
+            "--gated",
+            "org/gated",
+            "--token",
+            "hf_secret",
+        ],
+    )
+    .unwrap();
+    let home = tmp.path().join("a");
+    let first = hub_cmd(
+        &hub,
+        &home,
+        &[
+            "fetch",
+            "org/gated",
+            "--json",
+            "--to",
+            tmp.path().join("o1").to_str().unwrap(),
+        ],
+        &[("HF_TOKEN", "hf_secret")],
+    );
+    assert!(first.status.success());
+    let id = serde_json::from_slice::<serde_json::Value>(&first.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Open mode: the model does not exist as far as peers can tell.
+    let open = NodeProc::start(&home, None, "127.0.0.1", &[]).unwrap();
+    let peer = open.listen.to_string();
+    let out = tmp.path().join("o2");
+    let denied = mesh(
+        &tmp.path().join("b"),
+        None,
+        &["fetch", &id, "--peer", &peer, "--to", out.to_str().unwrap()],
+    );
+    assert_eq!(
+        denied.status.code(),
+        Some(3),
+        "a gated model was offered in open mode"
+    );
+    assert!(list_files(&out).is_empty());
+    assert_eq!(open.counter("mesh_bytes_sent_total"), 0);
+    drop(open);
+
+    // With a mesh key every peer is a member: served.
+    let key = Some("members-only");
+    let member = NodeProc::start(&home, key, "127.0.0.1", &[]).unwrap();
+    let ok = mesh(
+        &tmp.path().join("c"),
+        key,
+        &[
+            "fetch",
+            &id,
+            "--peer",
+            &member.listen.to_string(),
+            "--to",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(ok.status.success());
+    assert_same_tree(&repo, &out);
+}

@@ -11,6 +11,8 @@ const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
 const MODELS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("models");
 /// HuggingFace etag (LFS sha256 or git blob id) -> BLAKE3 root of a verified blob.
 const ETAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("etags");
+/// Blobs and models from gated or private repos: never served in open mode.
+const RESTRICTED: TableDefinition<&[u8], ()> = TableDefinition::new("restricted");
 /// Model name -> model id (the latest manifest added or fetched under that name).
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
 
@@ -21,6 +23,7 @@ pub(super) fn init(db: &redb::Database) -> Result<(), StoreError> {
     tx.open_table(MODELS).map_err(redb::Error::from)?;
     tx.open_table(NAMES).map_err(redb::Error::from)?;
     tx.open_table(ETAGS).map_err(redb::Error::from)?;
+    tx.open_table(RESTRICTED).map_err(redb::Error::from)?;
     tx.commit().map_err(redb::Error::from)?;
     Ok(())
 }
@@ -147,4 +150,27 @@ pub(super) fn etag(db: &redb::Database, etag: &str) -> Result<Option<Hash>, Stor
         .try_into()
         .map_err(|_| postcard::Error::DeserializeUnexpectedEnd)?;
     Ok(Some(Hash::from(bytes)))
+}
+
+pub(super) fn restrict(db: &redb::Database, hashes: &[Hash]) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut table = tx.open_table(RESTRICTED).map_err(redb::Error::from)?;
+        for h in hashes {
+            table
+                .insert(h.as_bytes().as_slice(), ())
+                .map_err(redb::Error::from)?;
+        }
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+pub(super) fn is_restricted(db: &redb::Database, hash: Hash) -> Result<bool, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = tx.open_table(RESTRICTED).map_err(redb::Error::from)?;
+    Ok(table
+        .get(hash.as_bytes().as_slice())
+        .map_err(redb::Error::from)?
+        .is_some())
 }

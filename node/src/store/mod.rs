@@ -375,6 +375,18 @@ impl Store {
         db::put_etag(&self.inner.db, etag, hash)
     }
 
+    /// Marks a model and its blobs as from a gated or private repo.
+    pub fn restrict(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let mut hashes: Vec<Hash> = manifest.files().iter().map(|f| f.hash).collect();
+        hashes.push(manifest.id());
+        db::restrict(&self.inner.db, &hashes)
+    }
+
+    /// Whether a blob or model id came from a gated or private repo.
+    pub fn is_restricted(&self, hash: Hash) -> Result<bool, StoreError> {
+        db::is_restricted(&self.inner.db, hash)
+    }
+
     /// Where a HuggingFace download of `etag` is kept until it is verified.
     pub fn hub_part_path(&self, etag: &str) -> PathBuf {
         self.inner

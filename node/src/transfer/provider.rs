@@ -42,6 +42,8 @@ pub struct Provider {
     pub upload_limit: Option<Arc<RateLimit>>,
     /// Per-peer counters.
     pub peers: crate::peers::Peers,
+    /// No mesh key: then nothing from a gated or private repo is served to anyone.
+    pub open_mode: bool,
     /// Test-only: flip bytes in what we send, after our own verification, to play a hostile
     /// peer. Set by `MESH_DANGER_CORRUPT_UPLOADS=1`; never in normal use.
     pub danger_corrupt_uploads: bool,
@@ -93,6 +95,11 @@ impl Provider {
         counters: Arc<PeerCounters>,
     ) -> Result<(), crate::net::StreamError> {
         let store = self.store.clone();
+        if self.open_mode && self.touches_restricted(&request).await {
+            write_frame(&mut send, &Response::Error(ErrorCode::NotFound)).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
         let response = match request {
             Request::Get { hash, ranges } => return self.get(hash, ranges, send, counters).await,
             Request::Subscribe { hash } => return self.subscribe(hash, send).await,
@@ -113,7 +120,23 @@ impl Provider {
                 Err(e) => Response::Error(error_code(&e)),
             },
             Request::Models => match blocking(move || store.models()).await {
-                Ok(models) => Response::Models(models),
+                Ok(mut models) => {
+                    if self.open_mode {
+                        let store = self.store.clone();
+                        models = blocking(move || {
+                            let mut open = Vec::new();
+                            for m in models {
+                                if !store.is_restricted(m.id)? {
+                                    open.push(m);
+                                }
+                            }
+                            Ok(open)
+                        })
+                        .await
+                        .unwrap_or_default();
+                    }
+                    Response::Models(models)
+                }
                 Err(e) => Response::Error(error_code(&e)),
             },
             _ => Response::Error(ErrorCode::BadRequest),
@@ -121,6 +144,27 @@ impl Provider {
         write_frame(&mut send, &response).await?;
         let _ = send.finish();
         Ok(())
+    }
+
+    /// Whether a request is about a gated or private model or blob (refused in open mode).
+    async fn touches_restricted(&self, request: &Request) -> bool {
+        let store = self.store.clone();
+        let request = request.clone();
+        blocking(move || {
+            Ok(match request {
+                Request::Get { hash, .. }
+                | Request::Have { hash }
+                | Request::Subscribe { hash } => store.is_restricted(hash)?,
+                Request::Manifest(model) => match store.manifest(&model)? {
+                    Some(m) => store.is_restricted(m.id())?,
+                    None => false,
+                },
+                _ => false,
+            })
+        })
+        .await
+        // When in doubt, refuse.
+        .unwrap_or(true)
     }
 
     /// Streams what we hold of a blob, then each addition, until we hold it all or the
