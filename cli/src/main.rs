@@ -62,6 +62,9 @@ enum Command {
         /// Upload limit for the whole node, in bytes per second.
         #[arg(long, env = "MESH_MAX_UPLOAD")]
         max_upload: Option<u64>,
+        /// Don't import (hash and serve) models found in the HuggingFace cache at start.
+        #[arg(long)]
+        no_hf_cache_scan: bool,
     },
     /// Hash a file or folder and share it as a model, in place (no copy). Prints the model id.
     Add {
@@ -184,6 +187,7 @@ async fn run(cli: Cli) -> Result<()> {
             api,
             no_api,
             max_upload,
+            no_hf_cache_scan,
         } => {
             let config =
                 NodeConfig {
@@ -202,6 +206,7 @@ async fn run(cli: Cli) -> Result<()> {
                     max_upload: max_upload.or(config.max_upload),
                     mdns: !cli.no_mdns,
                     aliases: config.aliases.clone(),
+                    hf_cache_scan: !no_hf_cache_scan,
                 };
             run_node(config).await
         }
@@ -327,6 +332,7 @@ fn embedded_config(
         max_upload: config.max_upload,
         mdns,
         aliases: config.aliases.clone(),
+        hf_cache_scan: false,
     }
 }
 

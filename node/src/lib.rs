@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod fetch;
 pub mod hf_api;
 pub mod hf_cache;
+pub mod hf_import;
 pub mod hub;
 pub mod hub_fetch;
 pub mod metrics;

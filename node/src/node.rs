@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// Model aliases from the config file.
     pub aliases: std::collections::BTreeMap<String, crate::catalog::CatalogEntry>,
+    /// Import models found in the HuggingFace cache at start.
+    pub hf_cache_scan: bool,
 }
 
 /// Why a node could not start.
@@ -202,6 +204,11 @@ impl Node {
         let json = serde_json::to_vec_pretty(&info).expect("node info serializes");
         crate::store::write_private(&path, &json)
             .map_err(|source| NodeError::State { path, source })?;
+        if config.hf_cache_scan {
+            if let Some(cache) = crate::hf_cache::cache_dir() {
+                crate::hf_import::spawn_scan(store.clone(), cache, cancel.clone());
+            }
+        }
         info!(listen = %info.listen, api = ?info.api, "node running");
         Ok(Self {
             store,

@@ -66,7 +66,12 @@ pub fn mesh_cmd(home: &Path, key: Option<&str>, netns: Option<&str>) -> Command 
         }
         None => Command::new(mesh_bin()),
     };
+    // Hermetic: no HF token, endpoint or cache of the machine leaks into a test.
     cmd.env("MESH_HOME", home)
+        .env("HF_HOME", home.join("hf-home"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_ENDPOINT")
         .env_remove("MESH_KEY")
         .env_remove("RUST_LOG");
     if netns.is_none() {

@@ -533,3 +533,108 @@ fn gated_models_are_served_to_members_only_never_in_open_mode() {
     assert!(ok.status.success());
     assert_same_tree(&repo, &out);
 }
+
+/// Lays out `repo` as huggingface_hub would cache it at `commit`: blobs named by etag,
+/// snapshot entries as relative symlinks, refs/main.
+fn make_hf_cache(cache: &Path, repo_id: &str, commit: &str, repo: &Path) {
+    use sha2::Digest;
+    let base = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let snapshot = base.join("snapshots").join(commit);
+    std::fs::create_dir_all(base.join("blobs")).unwrap();
+    std::fs::create_dir_all(base.join("refs")).unwrap();
+    std::fs::write(base.join("refs/main"), commit).unwrap();
+    for rel in list_files(repo) {
+        let bytes = std::fs::read(repo.join(&rel)).unwrap();
+        let etag = if bytes.len() > 10 * 1024 {
+            hex::encode(sha2::Sha256::digest(&bytes))
+        } else {
+            let mut h = sha1::Sha1::new();
+            h.update(format!("blob {}\0", bytes.len()).as_bytes());
+            h.update(&bytes);
+            hex::encode(h.finalize())
+        };
+        std::fs::write(base.join("blobs").join(&etag), &bytes).unwrap();
+        let link = snapshot.join(&rel);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let depth = rel.split('/').count() + 1;
+        std::os::unix::fs::symlink(format!("{}blobs/{etag}", "../".repeat(depth)), &link).unwrap();
+    }
+}
+
+/// Models already in the HF cache are found at start, hashed, and served in place; a peer
+/// with HuggingFace offline gets them from the node.
+#[test]
+fn models_in_the_hf_cache_are_served_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    make_repo(&repo);
+    let home = tmp.path().join("a");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    make_hf_cache(&home.join("hf-home/hub"), REPO, commit, &repo);
+    // One blob in another cached repo has bytes that don't match its name: never served.
+    let bad = tmp.path().join("bad");
+    write_file(&bad.join("w.safetensors"), 50_000, 9);
+    make_hf_cache(&home.join("hf-home/hub"), "org/bad", commit, &bad);
+    let blob_dir = home.join("hf-home/hub/models--org--bad/blobs");
+    let blob = std::fs::read_dir(&blob_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+
+    let node = NodeProc::start(&home, None, "127.0.0.1", &[]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ls = mesh(&home, None, &["ls", "--json"]);
+        let models: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+        if models
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == REPO && m["complete"] == true)
+        {
+            assert!(
+                !models
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["name"] == "org/bad"),
+                "a bad blob was imported"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the HF cache was not imported: {}",
+            node.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Served in place: nothing was copied into the store.
+    let copies = std::fs::read_dir(home.join("blobs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "data"))
+        .count();
+    assert_eq!(copies, 0, "the HF cache was copied into the store");
+    let out = tmp.path().join("out");
+    let run = mesh_cmd(&tmp.path().join("b"), None, None)
+        .env("HF_HUB_OFFLINE", "1")
+        .args([
+            "fetch",
+            REPO,
+            "--peer",
+            &node.listen.to_string(),
+            "--to",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "fetch with HF offline failed");
+    assert_same_tree(&repo, &out);
+}

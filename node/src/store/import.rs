@@ -111,7 +111,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(RelPath, PathBuf)>) -> Result<()
 }
 
 /// Hashes one file in place and records it, unless the store already has it complete.
-fn add_file(store: &Store, path: &Path) -> Result<(Hash, u64), StoreError> {
+pub(super) fn add_file(store: &Store, path: &Path) -> Result<(Hash, u64), StoreError> {
     let file = fs::File::open(path).map_err(StoreError::io(path))?;
     let before = file.metadata().map_err(StoreError::io(path))?;
     let size = before.len();

@@ -230,6 +230,11 @@ impl Store {
         import::add_path(self, path, name, progress)
     }
 
+    /// Hashes one file and serves it in place (as `mesh add` does for each file).
+    pub fn add_in_place(&self, path: &Path) -> Result<(Hash, u64), StoreError> {
+        import::add_file(self, path)
+    }
+
     /// Records a manifest and points its name at it.
     pub fn insert_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
         db::insert_manifest(&self.inner.db, manifest)
