@@ -195,6 +195,10 @@ pub struct Fetcher {
     pub aliases: Arc<BTreeMap<String, CatalogEntry>>,
     /// One async lock per blob being fetched.
     locks: Arc<Mutex<HashMap<Hash, Weak<tokio::sync::Mutex<()>>>>>,
+    /// This node's id when splitting HuggingFace work with peers.
+    pub(crate) node_id: u64,
+    /// HuggingFace files assembled here, kept so peers still assembling them can get pieces.
+    pub(crate) assembled: Arc<Mutex<Vec<Arc<crate::hub_swarm::HubPartial>>>>,
 }
 
 impl Fetcher {
@@ -213,6 +217,8 @@ impl Fetcher {
             discovery,
             aliases: Arc::new(aliases),
             locks: Arc::default(),
+            node_id: rand::random::<u64>() | 1,
+            assembled: Arc::default(),
         }
     }
 

@@ -277,6 +277,65 @@ impl Hub {
         })
     }
 
+    /// An HTTP-level error with this endpoint named.
+    pub(crate) fn http_error(&self, why: impl std::fmt::Display) -> HubError {
+        self.http_err(why)
+    }
+
+    /// Downloads `len` bytes at `start` of one file at `commit` (a Range request, following
+    /// the Hub's redirect to its CDN).
+    pub async fn download_range(
+        &self,
+        repo: &str,
+        commit: &str,
+        file: &HubFile,
+        start: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, HubError> {
+        if self.offline {
+            return Err(HubError::Offline);
+        }
+        let url = format!(
+            "{}/{}/resolve/{}/{}",
+            self.endpoint,
+            repo,
+            commit,
+            file.path
+                .split('/')
+                .map(urlencode)
+                .collect::<Vec<_>>()
+                .join("/")
+        );
+        let resp = self
+            .get(&url)
+            .header(
+                reqwest::header::RANGE,
+                format!("bytes={start}-{}", start + len - 1),
+            )
+            .send()
+            .await
+            .map_err(|e| self.http_err(e))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(HubError::Unauthorized {
+                repo: repo.to_string(),
+            });
+        }
+        let whole = status == reqwest::StatusCode::OK && start == 0 && len == file.size;
+        if status != reqwest::StatusCode::PARTIAL_CONTENT && !whole {
+            return Err(self.http_err(format!("{}: HTTP {status} for a range", file.path)));
+        }
+        let bytes = resp.bytes().await.map_err(|e| self.http_err(e))?;
+        if bytes.len() as u64 != len {
+            return Err(self.http_err(format!(
+                "{}: range of {} bytes, expected {len}",
+                file.path,
+                bytes.len()
+            )));
+        }
+        Ok(bytes.to_vec())
+    }
+
     /// Downloads one file at `commit` to `part` (resuming from what `part` holds, with a Range
     /// request), then checks the whole file against its published hash. On a mismatch the
     /// file is deleted. `progress` counts bytes on disk.

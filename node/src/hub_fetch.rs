@@ -238,16 +238,50 @@ impl Fetcher {
                 continue;
             }
             let part = self.store.hub_part_path(w.hub.etag());
-            let before = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-            hub.download(
-                &info.repo,
-                &info.commit,
-                &w.hub,
-                &part,
-                progress.files[i].done.clone(),
-            )
-            .await?;
-            report.bytes_from_hf += w.hub.size - before;
+            if self.peers.connections().borrow().is_empty() {
+                // Alone: one resumable download (a re-run continues where this one stopped).
+                let before = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+                hub.download(
+                    &info.repo,
+                    &info.commit,
+                    &w.hub,
+                    &part,
+                    progress.files[i].done.clone(),
+                )
+                .await?;
+                report.bytes_from_hf += w.hub.size - before;
+            } else {
+                // With peers: split the HF work with any peer assembling the same file.
+                let partial = self
+                    .store
+                    .hub_partials()
+                    .open(
+                        w.hub.etag(),
+                        w.hub.size,
+                        &part,
+                        self.node_id,
+                        info.restricted,
+                    )
+                    .map_err(|source| crate::store::StoreError::Io {
+                        path: part.clone(),
+                        source,
+                    })?;
+                report.bytes_from_hf += crate::hub_swarm::download(
+                    &hub,
+                    &info.repo,
+                    &info.commit,
+                    &w.hub,
+                    partial.clone(),
+                    self.peers.connections(),
+                    progress.files[i].done.clone(),
+                )
+                .await?;
+                // Keep serving its pieces to peers still assembling it.
+                self.assembled
+                    .lock()
+                    .expect("assembled lock poisoned")
+                    .push(partial);
+            }
             let store = self.store.clone();
             let etag = w.hub.etag().to_string();
             let hash = blocking(move || {

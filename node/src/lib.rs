@@ -20,6 +20,7 @@ pub mod hf_cache;
 pub mod hf_import;
 pub mod hub;
 pub mod hub_fetch;
+pub mod hub_swarm;
 pub mod metrics;
 pub mod net;
 pub mod node;

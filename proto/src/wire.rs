@@ -161,6 +161,20 @@ pub enum Request {
         /// The blob.
         hash: Hash,
     },
+    /// Like [`Request::Subscribe`], for a HuggingFace file still being assembled (its BLAKE3
+    /// root is not known yet): a stream of [`Response::HubHave`] frames.
+    HubSubscribe {
+        /// The file's HuggingFace etag.
+        etag: String,
+    },
+    /// The raw bytes of one piece of a HuggingFace file still being assembled. They are not
+    /// verifiable until the whole file is: only mesh members can be asked.
+    HubGet {
+        /// The file's HuggingFace etag.
+        etag: String,
+        /// The piece index ([`crate::PIECE_BYTES`] each).
+        piece: u32,
+    },
 }
 
 /// A model as listed by [`Request::Models`].
@@ -212,6 +226,22 @@ pub enum Response {
         /// The chunks the provider is fetching right now, in full (each frame replaces the
         /// last). Peers avoid asking a seed for pieces another peer is already bringing in.
         pending: ChunkSpans,
+    },
+    /// What a node holds of a HuggingFace file it is assembling (full sets each time).
+    HubHave {
+        /// The sender's random node id, for splitting HuggingFace work.
+        node: u64,
+        /// File size.
+        size: u64,
+        /// Pieces held (as spans of piece indices).
+        have: ChunkSpans,
+        /// Pieces being fetched right now.
+        pending: ChunkSpans,
+    },
+    /// One piece follows: this many raw bytes.
+    HubPiece {
+        /// Bytes that follow the frame.
+        len: u64,
     },
     /// The manifest's canonical bytes; the receiver checks them against the id it wanted.
     Manifest(Vec<u8>),

@@ -638,3 +638,140 @@ fn models_in_the_hf_cache_are_served_in_place() {
     assert!(run.status.success(), "fetch with HF offline failed");
     assert_same_tree(&repo, &out);
 }
+
+/// Four nodes fetch one repo at the same moment: they split the HuggingFace work by pieces and
+/// swap the rest, so the Hub serves the repo about once, not four times.
+#[test]
+fn four_nodes_at_once_pull_each_byte_from_hf_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    write_file(&repo.join("weights.safetensors"), 48 << 20, 21);
+    write_file(
+        &repo.join("text_encoders/enc.safetensors"),
+        (6 << 20) + 5,
+        22,
+    );
+    write_file(&repo.join("config.json"), 900, 23);
+    let hub = FakeHub::start(
+        tmp.path(),
+        None,
+        "127.0.0.1",
+        &["--repo", &format!("{REPO}={}", repo.display())],
+    )
+    .unwrap();
+    let env = [("HF_ENDPOINT", hub.endpoint.as_str())];
+    let nodes: Vec<NodeProc> = (0..4)
+        .map(|i| {
+            NodeProc::start_env(
+                &tmp.path().join(format!("n{i}")),
+                Some("fleet"),
+                None,
+                "127.0.0.1",
+                &[],
+                &env,
+            )
+            .unwrap()
+        })
+        .collect();
+    let fetches: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let mut args = vec![
+                "fetch".to_string(),
+                REPO.to_string(),
+                "--json".into(),
+                "--to".into(),
+                n.home.join("out").display().to_string(),
+            ];
+            for other in nodes.iter().filter(|o| o.listen != n.listen) {
+                args.push("--peer".into());
+                args.push(other.listen.to_string());
+            }
+            n.spawn_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect();
+    let mut from_hf = 0;
+    for (i, child) in fetches.into_iter().enumerate() {
+        let run = finish(
+            child,
+            &format!("fetch on node {i}"),
+            std::time::Duration::from_secs(120),
+        );
+        assert!(run.status.success(), "fetch on node {i} failed");
+        let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        from_hf += report["bytes_from_hf"].as_u64().unwrap();
+    }
+    for n in &nodes {
+        assert_same_tree(&repo, &n.home.join("out"));
+    }
+    let size = total_size(&repo);
+    let served = hub.served_bytes();
+    eprintln!(
+        "repo {size} bytes; HF served {served} ({:.3}x); nodes counted {from_hf}",
+        served as f64 / size as f64
+    );
+    assert!(
+        served * 100 <= size * 102,
+        "HF served {served} bytes for a {size}-byte repo"
+    );
+}
+
+/// A peer that relays wrong bytes of a HuggingFace file (before its BLAKE3 root is known) is
+/// caught by the whole-file sha256 check; its pieces are refetched from HF and it is banned.
+#[test]
+fn wrong_relayed_hf_bytes_are_caught_by_sha256() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    write_file(&repo.join("weights.safetensors"), 24 << 20, 31);
+    let hub = FakeHub::start(
+        tmp.path(),
+        None,
+        "127.0.0.1",
+        &["--repo", &format!("{REPO}={}", repo.display())],
+    )
+    .unwrap();
+    let honest = NodeProc::start_env(
+        &tmp.path().join("honest"),
+        Some("fleet"),
+        None,
+        "127.0.0.1",
+        &[],
+        &[("HF_ENDPOINT", hub.endpoint.as_str())],
+    )
+    .unwrap();
+    let hostile = NodeProc::start_env(
+        &tmp.path().join("hostile"),
+        Some("fleet"),
+        None,
+        "127.0.0.1",
+        &[],
+        &[
+            ("HF_ENDPOINT", hub.endpoint.as_str()),
+            ("MESH_DANGER_CORRUPT_UPLOADS", "1"),
+        ],
+    )
+    .unwrap();
+    let fetch = |n: &NodeProc, other: &NodeProc| {
+        let out = n.home.join("out");
+        n.spawn_cli(&[
+            "fetch",
+            REPO,
+            "--json",
+            "--peer",
+            &other.listen.to_string(),
+            "--to",
+            out.to_str().unwrap(),
+        ])
+    };
+    let a = fetch(&honest, &hostile);
+    let b = fetch(&hostile, &honest);
+    let run = finish(a, "honest fetch", std::time::Duration::from_secs(120));
+    let _ = finish(b, "hostile fetch", std::time::Duration::from_secs(120));
+    assert!(run.status.success(), "the honest node's fetch failed");
+    assert_same_tree(&repo, &honest.home.join("out"));
+    assert!(
+        honest.log().contains("does not match HF's hash"),
+        "the bad relay was not caught: {}",
+        honest.log()
+    );
+}

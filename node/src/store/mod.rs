@@ -166,6 +166,8 @@ struct Inner {
     home: PathBuf,
     /// The metadata database.
     db: redb::Database,
+    /// HuggingFace files being assembled from pieces (before their BLAKE3 root is known).
+    hub_partials: crate::hub_swarm::HubPartials,
     /// Partial blobs being written, so concurrent fetches of one blob share one writer.
     /// A std mutex: it is held only for map lookups, never across I/O or `.await`.
     partials: Mutex<HashMap<Hash, Weak<PartialBlob>>>,
@@ -195,6 +197,7 @@ impl Store {
             inner: Arc::new(Inner {
                 home: home.to_path_buf(),
                 db,
+                hub_partials: Default::default(),
                 partials: Mutex::default(),
             }),
         })
@@ -203,6 +206,11 @@ impl Store {
     /// The store folder.
     pub fn home(&self) -> &Path {
         &self.inner.home
+    }
+
+    /// HuggingFace files being assembled.
+    pub fn hub_partials(&self) -> &crate::hub_swarm::HubPartials {
+        &self.inner.hub_partials
     }
 
     /// The node's identity key (PKCS#8 DER), created on first use.

@@ -103,6 +103,28 @@ impl Provider {
         let response = match request {
             Request::Get { hash, ranges } => return self.get(hash, ranges, send, counters).await,
             Request::Subscribe { hash } => return self.subscribe(hash, send).await,
+            Request::HubSubscribe { etag } => {
+                match self.store.hub_partials().get(&etag) {
+                    Some(p) if !(self.open_mode && p.restricted()) => {
+                        crate::hub_swarm::serve_subscription(p, send).await
+                    }
+                    _ => {
+                        write_frame(&mut send, &Response::Error(ErrorCode::NotFound)).await?;
+                        let _ = send.finish();
+                    }
+                }
+                return Ok(());
+            }
+            Request::HubGet { etag, piece } => {
+                let partial = self
+                    .store
+                    .hub_partials()
+                    .get(&etag)
+                    .filter(|p| !(self.open_mode && p.restricted()));
+                crate::hub_swarm::serve_piece(partial, piece, self.danger_corrupt_uploads, send)
+                    .await;
+                return Ok(());
+            }
             Request::Have { hash } => match blocking(move || store.open_reader(hash)).await {
                 Ok(reader) => {
                     let size = reader.outboard.tree.size();
