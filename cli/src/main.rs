@@ -582,13 +582,7 @@ async fn ls(home: &std::path::Path, json: bool) -> Result<()> {
         Ok(store) => tokio::task::spawn_blocking(move || store.models())
             .await??
             .into_iter()
-            .map(|m| ModelInfo {
-                id: m.id.to_string(),
-                name: m.name,
-                size: m.size,
-                complete: m.complete,
-                files: None,
-            })
+            .map(ModelInfo::from)
             .collect(),
         Err(StoreError::Locked(_)) => {
             let client = NodeClient::discover(home)

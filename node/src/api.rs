@@ -52,6 +52,18 @@ pub struct ModelInfo {
     pub files: Option<usize>,
 }
 
+impl From<mesh_proto::wire::ModelSummary> for ModelInfo {
+    fn from(m: mesh_proto::wire::ModelSummary) -> Self {
+        Self {
+            id: m.id.to_string(),
+            name: m.name,
+            size: m.size,
+            complete: m.complete,
+            files: None,
+        }
+    }
+}
+
 /// The body of `POST /v1/add`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AddRequest {
@@ -113,19 +125,9 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
 async fn models(State(state): State<ApiState>) -> Response {
     let store = state.store.clone();
     match blocking(move || store.models()).await {
-        Ok(models) => Json(
-            models
-                .into_iter()
-                .map(|m| ModelInfo {
-                    id: m.id.to_string(),
-                    name: m.name,
-                    size: m.size,
-                    complete: m.complete,
-                    files: None,
-                })
-                .collect::<Vec<_>>(),
-        )
-        .into_response(),
+        Ok(models) => {
+            Json(models.into_iter().map(ModelInfo::from).collect::<Vec<_>>()).into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

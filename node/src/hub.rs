@@ -277,6 +277,16 @@ impl Hub {
         })
     }
 
+    /// The `resolve` URL of a file at a commit.
+    fn resolve_url(&self, repo: &str, commit: &str, path: &str) -> String {
+        let path: Vec<String> = path.split('/').map(urlencode).collect();
+        format!(
+            "{}/{repo}/resolve/{commit}/{}",
+            self.endpoint,
+            path.join("/")
+        )
+    }
+
     /// An HTTP-level error with this endpoint named.
     pub(crate) fn http_error(&self, why: impl std::fmt::Display) -> HubError {
         self.http_err(why)
@@ -295,17 +305,7 @@ impl Hub {
         if self.offline {
             return Err(HubError::Offline);
         }
-        let url = format!(
-            "{}/{}/resolve/{}/{}",
-            self.endpoint,
-            repo,
-            commit,
-            file.path
-                .split('/')
-                .map(urlencode)
-                .collect::<Vec<_>>()
-                .join("/")
-        );
+        let url = self.resolve_url(repo, commit, &file.path);
         let resp = self
             .get(&url)
             .header(
@@ -361,17 +361,7 @@ impl Hub {
         }
         progress.store(have, Ordering::Relaxed);
         if have < file.size {
-            let url = format!(
-                "{}/{}/resolve/{}/{}",
-                self.endpoint,
-                repo,
-                commit,
-                file.path
-                    .split('/')
-                    .map(urlencode)
-                    .collect::<Vec<_>>()
-                    .join("/")
-            );
+            let url = self.resolve_url(repo, commit, &file.path);
             let mut req = self.get(&url);
             if have > 0 {
                 req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));

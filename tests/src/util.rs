@@ -93,13 +93,7 @@ pub fn mesh(home: &Path, key: Option<&str>, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("mesh runs");
-    eprintln!(
-        "$ mesh {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    print_output(&format!("mesh {}", args.join(" ")), &out);
     out
 }
 
@@ -309,12 +303,7 @@ pub fn finish(mut child: Child, what: &str, timeout: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().expect("output");
-    eprintln!(
-        "$ {what}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    print_output(what, &out);
     out
 }
 
@@ -389,4 +378,14 @@ impl Drop for FakeHub {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Prints a finished command's exit code and output, for test logs.
+pub fn print_output(what: &str, out: &Output) {
+    eprintln!(
+        "$ {what}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
 }

@@ -21,6 +21,21 @@ fn make_repo(dir: &Path) {
     .unwrap();
 }
 
+/// Whether python3 can import huggingface_hub; says SKIPPED for `test` when not.
+fn has_huggingface_hub(test: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import huggingface_hub"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!(
+            "SKIPPED {test}: python3 with huggingface_hub is missing (scripts/test installs it)"
+        );
+    }
+    ok
+}
+
 fn total_size(dir: &Path) -> u64 {
     list_files(dir)
         .iter()
@@ -44,13 +59,7 @@ fn hub_cmd(
         cmd.env(k, v);
     }
     let out = cmd.args(args).output().unwrap();
-    eprintln!(
-        "$ mesh {}\n  exit {:?}\n  stdout: {}\n  stderr: {}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    print_output(&format!("mesh {}", args.join(" ")), &out);
     out
 }
 
@@ -305,13 +314,7 @@ fn dry_run_lists_files_sizes_and_sources_for_a_catalog_name() {
 /// The export into the HF cache layout loads with the real `huggingface_hub`, offline.
 #[test]
 fn hf_cache_export_loads_offline_with_huggingface_hub() {
-    let python = std::process::Command::new("python3")
-        .args(["-c", "import huggingface_hub"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !python {
-        eprintln!("SKIPPED hf_cache_export_loads_offline_with_huggingface_hub: python3 with huggingface_hub is missing (scripts/test installs it)");
+    if !has_huggingface_hub("hf_cache_export_loads_offline_with_huggingface_hub") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -376,13 +379,7 @@ fn hf_cache_export_loads_offline_with_huggingface_hub() {
 /// from (fake) HuggingFace once and serves the files itself.
 #[test]
 fn snapshot_download_through_the_node_endpoint_is_byte_identical() {
-    let python = std::process::Command::new("python3")
-        .args(["-c", "import huggingface_hub"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !python {
-        eprintln!("SKIPPED snapshot_download_through_the_node_endpoint_is_byte_identical: python3 with huggingface_hub is missing (scripts/test installs it)");
+    if !has_huggingface_hub("snapshot_download_through_the_node_endpoint_is_byte_identical") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
