@@ -49,11 +49,13 @@ use crate::{
 const PIECE_CHUNKS: u64 = PIECE_BYTES / CHUNK_BYTES;
 /// Piece requests in flight to a peer we know nothing about yet.
 const MIN_REQUESTS_PER_PEER: usize = 2;
+/// Requests in flight to a seed while other peers can serve too.
+const SEED_DEPTH: usize = 1;
 /// The most piece requests in flight to one peer.
 const MAX_REQUESTS_PER_PEER: usize = 16;
 /// Seconds of a peer's measured rate to keep requested ahead. More only queues pieces at a
 /// busy peer that another peer could have served; less leaves the link idle between pieces.
-const PIPELINE_SECS: f64 = 0.3;
+const PIPELINE_SECS: f64 = 0.6;
 /// A piece in flight this long may be asked of a second peer.
 const SLOW_PIECE: Duration = Duration::from_secs(10);
 /// Give up when nothing is in flight and no peer offers a missing piece for this long.
@@ -588,10 +590,24 @@ impl Scheduler {
                 .all(|p| !matches!(p.state, PieceState::Missing))
         });
         let addrs: Vec<SocketAddr> = self.peers.keys().copied().collect();
+        let seeds = self
+            .peers
+            .values()
+            .filter(|p| !p.banned && p.is_seed())
+            .count();
+        let others = self.peers.len() > seeds;
         for addr in addrs {
             loop {
                 let state = &self.peers[&addr];
-                if state.banned || state.in_flight >= state.depth {
+                // A seed shared with other peers gets one request at a time from us: its pieces
+                // then arrive (and can be passed on) as early as possible, instead of all of
+                // them crawling in together.
+                let depth = if others && state.is_seed() {
+                    SEED_DEPTH
+                } else {
+                    state.depth
+                };
+                if state.banned || state.in_flight >= depth {
                     break;
                 }
                 let Some((file, piece)) = self.choose(addr, endgame) else {
@@ -642,7 +658,7 @@ impl Scheduler {
                     continue;
                 };
                 let eligible = state.has_piece[f][p]
-                    && !(spare_seed && others(piece) > 0 && !endgame)
+                    && !(spare_seed && others(piece) > 0 && since.elapsed() < SLOW_PIECE)
                     && requests.len() < 2
                     && requests.iter().all(|(who, _)| *who != addr)
                     && (endgame || since.elapsed() >= SLOW_PIECE);
