@@ -428,29 +428,24 @@ impl Hub {
 /// The hash a file is published under: sha256 for LFS files, git blob sha1 otherwise.
 pub fn file_digest(path: &Path, file: &HubFile) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
     if file.sha256.is_some() {
-        let mut h = sha2::Sha256::new();
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Ok(hex::encode(h.finalize()))
+        digest_of(&mut f, sha2::Sha256::new())
     } else {
-        let len = f.metadata()?.len();
-        let mut h = sha1::Sha1::new();
-        h.update(format!("blob {len}\0").as_bytes());
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
+        let mut git = sha1::Sha1::new();
+        git.update(format!("blob {}\0", f.metadata()?.len()).as_bytes());
+        digest_of(&mut f, git)
+    }
+}
+
+/// Feeds a whole file to `hasher` and returns the hex digest.
+fn digest_of<D: sha1::Digest>(f: &mut std::fs::File, mut hasher: D) -> std::io::Result<String> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
         }
-        Ok(hex::encode(h.finalize()))
+        hasher.update(&buf[..n]);
     }
 }
 

@@ -21,6 +21,17 @@ fn make_repo(dir: &Path) {
     .unwrap();
 }
 
+/// The fake Hub serving `repo` as REPO.
+fn serve_repo(tmp: &Path, repo: &Path) -> FakeHub {
+    FakeHub::start(
+        tmp,
+        None,
+        "127.0.0.1",
+        &["--repo", &format!("{REPO}={}", repo.display())],
+    )
+    .unwrap()
+}
+
 /// Whether python3 can import huggingface_hub; says SKIPPED for `test` when not.
 fn has_huggingface_hub(test: &str) -> bool {
     let ok = std::process::Command::new("python3")
@@ -68,13 +79,7 @@ fn falls_back_to_hf_verifies_and_takes_nothing_twice() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     make_repo(&repo);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &["--repo", &format!("{REPO}={}", repo.display())],
-    )
-    .unwrap();
+    let hub = serve_repo(tmp.path(), &repo);
     let home = tmp.path().join("node");
     let out = tmp.path().join("out");
     let run = hub_cmd(
@@ -121,13 +126,7 @@ fn a_peer_that_has_the_repo_is_used_instead_of_hf() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     make_repo(&repo);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &["--repo", &format!("{REPO}={}", repo.display())],
-    )
-    .unwrap();
+    let hub = serve_repo(tmp.path(), &repo);
     let seed_home = tmp.path().join("seed");
     let first = hub_cmd(
         &hub,
@@ -260,13 +259,7 @@ fn dry_run_lists_files_sizes_and_sources_for_a_catalog_name() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     make_repo(&repo);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &["--repo", &format!("{REPO}={}", repo.display())],
-    )
-    .unwrap();
+    let hub = serve_repo(tmp.path(), &repo);
     let home = tmp.path().join("node");
     let plan = hub_cmd(&hub, &home, &["fetch", "sd3.5_large", "--dry-run"], &[]);
     assert!(plan.status.success());
@@ -320,13 +313,7 @@ fn hf_cache_export_loads_offline_with_huggingface_hub() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     make_repo(&repo);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &["--repo", &format!("{REPO}={}", repo.display())],
-    )
-    .unwrap();
+    let hub = serve_repo(tmp.path(), &repo);
     let home = tmp.path().join("node");
     let run = hub_cmd(
         &hub,
@@ -385,13 +372,7 @@ fn snapshot_download_through_the_node_endpoint_is_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     make_repo(&repo);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &["--repo", &format!("{REPO}={}", repo.display())],
-    )
-    .unwrap();
+    let hub = serve_repo(tmp.path(), &repo);
     let home = tmp.path().join("node");
     let hf_home = home.join("hf-home");
     let node = NodeProc::start_env(
@@ -649,13 +630,7 @@ fn four_nodes_at_once_pull_each_byte_from_hf_once() {
         22,
     );
     write_file(&repo.join("config.json"), 900, 23);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &["--repo", &format!("{REPO}={}", repo.display())],
-    )
-    .unwrap();
+    let hub = serve_repo(tmp.path(), &repo);
     let env = [("HF_ENDPOINT", hub.endpoint.as_str())];
     let nodes: Vec<NodeProc> = (0..4)
         .map(|i| {
@@ -720,13 +695,7 @@ fn wrong_relayed_hf_bytes_are_caught_by_sha256() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     write_file(&repo.join("weights.safetensors"), 24 << 20, 31);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &["--repo", &format!("{REPO}={}", repo.display())],
-    )
-    .unwrap();
+    let hub = serve_repo(tmp.path(), &repo);
     let honest = NodeProc::start_env(
         &tmp.path().join("honest"),
         Some("fleet"),

@@ -41,6 +41,17 @@ fn fetch_args(out: &Path) -> Vec<String> {
         .to_vec()
 }
 
+/// Starts `mesh fetch demo` into `out` on every node (delegated to each node).
+fn fetch_all(nodes: &[NodeProc]) -> Vec<std::process::Child> {
+    nodes
+        .iter()
+        .map(|n| {
+            let args = fetch_args(&n.home.join("out"));
+            n.spawn_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect()
+}
+
 #[test]
 fn fetch_finds_peers_by_mdns_without_peer_flag() {
     let Some(lab) = lab("msd", 1, 2, Some("1gbit")) else {
@@ -102,13 +113,7 @@ fn one_seed_four_peers_all_identical_and_peers_relay() {
     let seed = node(&lab, tmp.path(), 1, &[]);
     let peers: Vec<NodeProc> = (2..=5).map(|i| node(&lab, tmp.path(), i, &[])).collect();
     std::thread::sleep(Duration::from_secs(3)); // let mDNS settle, as a lab would be
-    let fetches: Vec<_> = peers
-        .iter()
-        .map(|p| {
-            let args = fetch_args(&p.home.join("out"));
-            p.spawn_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        })
-        .collect();
+    let fetches: Vec<_> = fetch_all(&peers);
     for (i, child) in fetches.into_iter().enumerate() {
         let run = finish(
             child,
@@ -148,13 +153,7 @@ fn a_peer_killed_mid_transfer_costs_only_its_pieces() {
     let _seed = node(&lab, tmp.path(), 1, &[]);
     let mut peers: Vec<NodeProc> = (2..=4).map(|i| node(&lab, tmp.path(), i, &[])).collect();
     std::thread::sleep(Duration::from_secs(3));
-    let mut fetches: Vec<_> = peers
-        .iter()
-        .map(|p| {
-            let args = fetch_args(&p.home.join("out"));
-            p.spawn_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        })
-        .collect();
+    let mut fetches: Vec<_> = fetch_all(&peers);
     // Kill host 4's node once it holds (and so serves) part of the model.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while peers[2].counter("mesh_bytes_received_total") < size / 4 {
