@@ -342,19 +342,7 @@ impl Fetcher {
                     })
                 })
                 .collect();
-            let result = swarm::download(
-                jobs,
-                self.peers.connections(),
-                self.peers.clone(),
-                self.metrics.clone(),
-            )
-            .await;
-            // Make what arrived durable even if the download failed, so a re-run resumes.
-            for partial in partials.iter().flatten() {
-                let partial = partial.clone();
-                blocking(move || partial.checkpoint()).await?;
-            }
-            peers_used = match result {
+            peers_used = match self.swarm_download(jobs).await? {
                 Ok(used) => used,
                 Err(DownloadError::NoSource { path, last })
                     if !connect_errors.is_empty()
@@ -406,6 +394,26 @@ impl Fetcher {
             "fetch complete"
         );
         Ok(report)
+    }
+
+    /// Swarms `jobs` from this node's peers, then checkpoints every partial blob, also when
+    /// the download failed, so that a re-run resumes from what arrived.
+    pub(crate) async fn swarm_download(
+        &self,
+        jobs: Vec<FileJob>,
+    ) -> Result<Result<Vec<SocketAddr>, DownloadError>, StoreError> {
+        let partials: Vec<_> = jobs.iter().map(|j| j.partial.clone()).collect();
+        let result = swarm::download(
+            jobs,
+            self.peers.connections(),
+            self.peers.clone(),
+            self.metrics.clone(),
+        )
+        .await;
+        for partial in partials {
+            blocking(move || partial.checkpoint()).await?;
+        }
+        Ok(result)
     }
 
     /// `--dry-run` for a mesh model: each file and whether it is here or must come from peers.

@@ -23,7 +23,7 @@ use crate::{
     hf_cache,
     hub::{file_digest, Hub, HubFile, RepoRef},
     store::{blocking, BlobStatus},
-    swarm::{self, FileJob},
+    swarm::FileJob,
 };
 
 /// Where one file of a fetch comes from.
@@ -180,18 +180,7 @@ impl Fetcher {
                     progress: progress.files[i].done.clone(),
                 });
             }
-            let partials: Vec<_> = jobs.iter().map(|j| j.partial.clone()).collect();
-            let result = swarm::download(
-                jobs,
-                self.peers.connections(),
-                self.peers.clone(),
-                self.metrics.clone(),
-            )
-            .await;
-            for partial in partials {
-                blocking(move || partial.checkpoint()).await?;
-            }
-            match result {
+            match self.swarm_download(jobs).await? {
                 Ok(used) => report.peers_used = used,
                 Err(e) => warn!("peers could not provide everything, using HuggingFace: {e}"),
             }

@@ -32,6 +32,20 @@ fn serve_repo(tmp: &Path, repo: &Path) -> FakeHub {
     .unwrap()
 }
 
+/// The fake Hub serving `repo` as the gated `org/gated`, token `hf_secret`.
+fn serve_gated(tmp: &Path, repo: &Path) -> FakeHub {
+    let repo_arg = format!("org/gated={}", repo.display());
+    let args = [
+        "--repo",
+        &repo_arg,
+        "--gated",
+        "org/gated",
+        "--token",
+        "hf_secret",
+    ];
+    FakeHub::start(tmp, None, "127.0.0.1", &args).unwrap()
+}
+
 /// Whether python3 can import huggingface_hub; says SKIPPED for `test` when not.
 fn has_huggingface_hub(test: &str) -> bool {
     let ok = std::process::Command::new("python3")
@@ -175,20 +189,7 @@ fn gated_repo_needs_a_token() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     make_repo(&repo);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &[
-            "--repo",
-            &format!("org/gated={}", repo.display()),
-            "--gated",
-            "org/gated",
-            "--token",
-            "hf_secret",
-        ],
-    )
-    .unwrap();
+    let hub = serve_gated(tmp.path(), &repo);
     let home = tmp.path().join("node");
     let out = tmp.path().join("out");
     let refused = hub_cmd(
@@ -442,20 +443,7 @@ fn gated_models_are_served_to_members_only_never_in_open_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     make_repo(&repo);
-    let hub = FakeHub::start(
-        tmp.path(),
-        None,
-        "127.0.0.1",
-        &[
-            "--repo",
-            &format!("org/gated={}", repo.display()),
-            "--gated",
-            "org/gated",
-            "--token",
-            "hf_secret",
-        ],
-    )
-    .unwrap();
+    let hub = serve_gated(tmp.path(), &repo);
     let home = tmp.path().join("a");
     let first = hub_cmd(
         &hub,
