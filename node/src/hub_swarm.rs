@@ -39,6 +39,7 @@ use crate::{
     hub::{file_digest, Hub, HubError, HubFile},
     net::{read_frame, write_frame},
     peers::Connections,
+    swarm::rendezvous,
 };
 
 /// Pieces in flight to one peer.
@@ -568,13 +569,6 @@ async fn get_piece(conn: &quinn::Connection, etag: &str, piece: usize) -> Result
         }
         other => Err(format!("no piece: {other:?}")),
     }
-}
-
-fn rendezvous(node: u64, piece: usize) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(&node.to_le_bytes());
-    h.update(&(piece as u64).to_le_bytes());
-    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 fn piece_count(size: u64) -> usize {

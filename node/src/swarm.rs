@@ -1,16 +1,24 @@
-//! The piece scheduler: one file set from many peers at once.
+//! The block scheduler: one file set from many peers at once.
 //!
-//! Files are cut into 1 MiB pieces (aligned to 16 KiB chunk groups). Every peer streams what it
-//! holds of each file ([`Request::Subscribe`]), including pieces it verifies while itself
-//! downloading, so the scheduler always knows who has what. It keeps about
-//! [`PIPELINE_SECS`] of each peer's measured rate requested ahead (2 to 16 pieces), choosing:
-//! - **rarest first**: among the missing pieces a peer holds, the one the fewest peers hold,
-//!   ties broken by a per-fetch random key so different nodes spread over different pieces;
-//! - **endgame**: once nothing is left unassigned, an idle peer duplicates an in-flight piece
-//!   (at most two requests per piece); the first to finish wins and the other is cancelled;
-//! - **slow peers**: a piece in flight for [`SLOW_PIECE`] may be duplicated at any time;
+//! Files are requested in 256 KiB blocks (aligned to 16 KiB chunk groups). Every peer streams
+//! what it holds of each file ([`Request::Subscribe`]) as it verifies it, chunk group by chunk
+//! group, with what it is fetching right now, so the scheduler always knows who has what. It
+//! keeps about [`PIPELINE_SECS`] of each peer's measured rate requested ahead, choosing:
+//! - **rarest first**: among the missing blocks a peer holds, the one the fewest peers hold,
+//!   ties broken by a per-fetch random key so different nodes spread over different blocks;
+//! - **a seed sends each block once**: a seed is asked only for blocks no other peer holds or
+//!   is fetching, and the downloaders split those by rendezvous hash over their download ids
+//!   (a node takes its own share first, then the others', so nothing waits on a slow node);
+//! - **endgame**: once nothing is left unassigned, an idle peer duplicates an in-flight block
+//!   (at most two requests per block); the first to finish wins and the other is cancelled;
+//! - **slow peers**: a block in flight for [`SLOW_BLOCK`] may be duplicated at any time;
 //! - **bad peers**: one whose bytes fail verification is banned for the rest of the fetch; one
-//!   whose connection dies loses only its in-flight pieces, which go back to the pool.
+//!   whose connection dies loses only its in-flight blocks, which go back to the pool.
+//!
+//! Blocks are smaller than the 1 MiB pieces of the design because at the start of a swarm
+//! every peer waits for its first block from the seed before it can pass anything on, and at
+//! the end the last blocks must still travel from peer to peer: both cost a few block
+//! transfer times (ARCHITECTURE.md has the measurements).
 //!
 //! The scheduler is an actor: a single task owns all state and reacts to events from the
 //! subscription and request tasks it spawns, so no lock is needed.
@@ -28,7 +36,7 @@ use std::{
 use bao_tree::{ChunkNum, ChunkRanges};
 use mesh_proto::{
     wire::{Request, Response},
-    RelPath, CHUNK_BYTES, PIECE_BYTES,
+    RelPath, CHUNK_BYTES,
 };
 use tokio::{
     sync::{mpsc, watch},
@@ -45,22 +53,30 @@ use crate::{
     transfer::get::{get_ranges, GetError, GetHooks},
 };
 
-/// Chunks in one piece.
-const PIECE_CHUNKS: u64 = PIECE_BYTES / CHUNK_BYTES;
-/// Piece requests in flight to a peer we know nothing about yet.
+/// Bytes in one block, the unit of requests.
+const BLOCK_BYTES: u64 = 256 << 10;
+/// Chunks in one block.
+const BLOCK_CHUNKS: u64 = BLOCK_BYTES / CHUNK_BYTES;
+/// Block requests in flight to a peer we know nothing about yet.
 const MIN_REQUESTS_PER_PEER: usize = 2;
 /// Requests in flight to a seed while other peers can serve too.
 const SEED_DEPTH: usize = 1;
-/// The most piece requests in flight to one peer.
-const MAX_REQUESTS_PER_PEER: usize = 16;
-/// Seconds of a peer's measured rate to keep requested ahead. More only queues pieces at a
-/// busy peer that another peer could have served; less leaves the link idle between pieces.
+/// How many downloaders besides its owner may ask a seed for a block (see
+/// [`FileState::resplit`]).
+const SEED_STAND_INS: u16 = 1;
+/// When the blocks only seeds hold stop getting fewer for this long (their owners and
+/// stand-ins may not reach the seed), anyone may ask a seed for them.
+const STAND_IN_WAIT: Duration = Duration::from_secs(2);
+/// The most block requests in flight to one peer.
+const MAX_REQUESTS_PER_PEER: usize = 64;
+/// Seconds of a peer's measured rate to keep requested ahead. More only queues blocks at a
+/// busy peer that another peer could have served; less leaves the link idle between blocks.
 const PIPELINE_SECS: f64 = 0.6;
-/// A piece in flight this long may be asked of a second peer.
-const SLOW_PIECE: Duration = Duration::from_secs(10);
-/// Give up when nothing is in flight and no peer offers a missing piece for this long.
+/// A block in flight this long may be asked of a second peer.
+const SLOW_BLOCK: Duration = Duration::from_secs(10);
+/// Give up when nothing is in flight and no peer offers a missing block for this long.
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often stalls, slow pieces and re-subscriptions are checked.
+/// How often stalls, slow blocks and re-subscriptions are checked.
 const TICK: Duration = Duration::from_millis(250);
 
 /// One file to download.
@@ -78,7 +94,7 @@ pub struct FileJob {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DownloadError {
-    /// No peer could provide some piece of this file; `last` is the last peer error seen.
+    /// No peer could provide some block of this file; `last` is the last peer error seen.
     #[error("no peer could provide {path}: {last}")]
     NoSource {
         /// The file.
@@ -91,7 +107,7 @@ pub enum DownloadError {
     Store(#[from] StoreError),
 }
 
-/// Downloads every missing piece of `jobs` from the peers in `conns` (which may change while
+/// Downloads every missing block of `jobs` from the peers in `conns` (which may change while
 /// it runs). Returns the peers that delivered data.
 pub async fn download(
     jobs: Vec<FileJob>,
@@ -112,6 +128,8 @@ pub async fn download(
         last_error: None,
         last_error_telling: false,
         stalled_since: None,
+        seed_only: 0,
+        seed_only_stuck_since: None,
     };
     let result = scheduler.run(rx, conns).await;
     scheduler.cancel_all();
@@ -121,14 +139,18 @@ pub async fn download(
 #[derive(Debug)]
 struct FileState {
     job: FileJob,
-    pieces: Vec<Piece>,
-    /// Pieces not yet [`PieceState::Have`].
+    blocks: Vec<Block>,
+    /// Blocks not yet [`BlockState::Have`].
     missing: usize,
+    /// The download ids the seed's blocks are split among (ours included), sorted.
+    split: Vec<u64>,
+    /// Per block: the order in which we ask a seed for it (see [`FileState::resplit`]).
+    seed_order: Vec<(u16, u64)>,
 }
 
 #[derive(Debug)]
-struct Piece {
-    state: PieceState,
+struct Block {
+    state: BlockState,
     /// Random tie-breaker for rarest-first.
     key: u32,
     /// Non-banned peers that hold it.
@@ -137,8 +159,12 @@ struct Piece {
     pending: u16,
 }
 
+/// How a candidate block ranks (lower first): sources that hold or fetch it, then the order in
+/// which we ask a seed for it or a random key.
+type BlockScore = (u16, (u16, u64));
+
 #[derive(Debug)]
-enum PieceState {
+enum BlockState {
     Missing,
     InFlight {
         since: Instant,
@@ -151,33 +177,56 @@ impl FileState {
     fn new(job: FileJob) -> Self {
         let size = job.partial.size();
         let have = job.partial.have();
-        let count = piece_count(size);
-        let pieces: Vec<Piece> = (0..count)
-            .map(|p| Piece {
-                state: if covers(&have, &piece_range(size, p)) {
-                    PieceState::Have
+        let count = block_count(size);
+        let blocks: Vec<Block> = (0..count)
+            .map(|p| Block {
+                state: if covers(&have, &block_range(size, p)) {
+                    BlockState::Have
                 } else {
-                    PieceState::Missing
+                    BlockState::Missing
                 },
                 key: rand::random(),
                 avail: 0,
                 pending: 0,
             })
             .collect();
-        let missing = pieces
+        let missing = blocks
             .iter()
-            .filter(|p| !matches!(p.state, PieceState::Have))
+            .filter(|p| !matches!(p.state, BlockState::Have))
             .count();
-        Self {
+        let me = job.partial.node();
+        let mut state = Self {
+            split: Vec::new(),
+            seed_order: vec![(0, 0); blocks.len()],
             job,
-            pieces,
+            blocks,
             missing,
+        };
+        state.resplit(vec![me]);
+        state
+    }
+
+    /// Splits the blocks among the downloaders `ids` (sorted, ours included) if they changed.
+    ///
+    /// Each block goes to the id with the highest rendezvous weight for it; the next highest is
+    /// its first stand-in, and so on. We take blocks from a seed by our rank for them (our own
+    /// first), and within a rank by the owner's weight: the owner goes from the heaviest down,
+    /// stand-ins from the lightest up. So nobody waits on a slow owner, and two nodes ask a seed
+    /// for the same block only where an owner and its stand-in meet.
+    fn resplit(&mut self, ids: Vec<u64>) {
+        if ids == self.split {
+            return;
         }
+        let me = self.job.partial.node();
+        for (b, order) in self.seed_order.iter_mut().enumerate() {
+            *order = seed_order(me, &ids, b);
+        }
+        self.split = ids;
     }
 }
 
 impl PeerState {
-    /// Whether it holds every piece of every file.
+    /// Whether it holds every block of every file.
     fn is_seed(&self) -> bool {
         self.held == self.total
     }
@@ -185,16 +234,20 @@ impl PeerState {
 
 /// A peer taking part in this download.
 struct PeerState {
-    /// Whole pieces it holds, over all files, and how many there are in all.
+    /// Whole blocks it holds, over all files, and how many there are in all.
     held: usize,
     total: usize,
     conn: quinn::Connection,
     /// Chunks it holds, per file.
     have: Vec<ChunkRanges>,
-    /// Whole pieces it holds, per file.
-    has_piece: Vec<Vec<bool>>,
-    /// Pieces it is fetching right now, per file.
-    pending_piece: Vec<Vec<bool>>,
+    /// Whole blocks it holds, per file.
+    has_block: Vec<Vec<bool>>,
+    /// Chunks it is fetching right now, and the blocks they touch, per file.
+    pending: Vec<ChunkRanges>,
+    pending_block: Vec<Vec<bool>>,
+    /// Per file: its download id while it is downloading the file (shown by fetching
+    /// something), else 0.
+    node: Vec<u64>,
     in_flight: usize,
     /// Requests it may have in flight, from its measured rate.
     depth: usize,
@@ -215,6 +268,7 @@ enum Event {
         file: usize,
         added: ChunkRanges,
         pending: ChunkRanges,
+        node: u64,
     },
     SubEnded {
         peer: SocketAddr,
@@ -224,7 +278,7 @@ enum Event {
     Done {
         peer: SocketAddr,
         file: usize,
-        piece: usize,
+        block: usize,
         result: Result<ChunkRanges, GetError>,
     },
 }
@@ -235,13 +289,17 @@ struct Scheduler {
     events: mpsc::UnboundedSender<Event>,
     peer_set: Peers,
     metrics: Arc<Metrics>,
-    /// Piece request tasks.
+    /// Block request tasks.
     requests: JoinSet<()>,
     used: HashSet<SocketAddr>,
     last_error: Option<String>,
     /// Whether `last_error` is about bad data (kept over later, vaguer errors).
     last_error_telling: bool,
     stalled_since: Option<Instant>,
+    /// Blocks only seeds hold and nobody fetches, at the last tick, and since when that number
+    /// has not fallen.
+    seed_only: usize,
+    seed_only_stuck_since: Option<Instant>,
 }
 
 impl Scheduler {
@@ -279,6 +337,7 @@ impl Scheduler {
                 file,
                 added,
                 pending,
+                node,
             } => {
                 let Some(state) = self.peers.get_mut(&peer) else {
                     return Ok(());
@@ -288,27 +347,34 @@ impl Scheduler {
                 }
                 state.have[file] |= added.clone();
                 let size = self.files[file].job.partial.size();
-                for p in pieces_touching(&added, size) {
-                    if !state.has_piece[file][p] && covers(&state.have[file], &piece_range(size, p))
+                for p in blocks_touching(&added, size) {
+                    if !state.has_block[file][p] && covers(&state.have[file], &block_range(size, p))
                     {
-                        state.has_piece[file][p] = true;
+                        state.has_block[file][p] = true;
                         state.held += 1;
-                        self.files[file].pieces[p].avail += 1;
+                        self.files[file].blocks[p].avail += 1;
                     }
                 }
-                let now_pending: HashSet<usize> = pieces_touching(&pending, size).collect();
-                for (p, was) in state.pending_piece[file].iter_mut().enumerate() {
+                let now_pending: HashSet<usize> = blocks_touching(&pending, size).collect();
+                let touched = pending.clone() | &state.pending[file];
+                for p in blocks_touching(&touched, size) {
+                    let was = &mut state.pending_block[file][p];
                     let is = now_pending.contains(&p);
                     if is != *was {
                         *was = is;
-                        let piece = &mut self.files[file].pieces[p];
+                        let block = &mut self.files[file].blocks[p];
                         if is {
-                            piece.pending += 1;
+                            block.pending += 1;
                         } else {
-                            piece.pending -= 1;
+                            block.pending -= 1;
                         }
                     }
                 }
+                // A download id counts from the first frame that shows the peer fetching, until
+                // one says it no longer downloads (it completed the file).
+                let downloading = node != 0 && (!pending.is_empty() || state.node[file] == node);
+                state.node[file] = if downloading { node } else { 0 };
+                state.pending[file] = pending;
                 self.stalled_since = None;
             }
             Event::SubEnded { peer, conn, file } => {
@@ -331,9 +397,9 @@ impl Scheduler {
             Event::Done {
                 peer,
                 file,
-                piece,
+                block,
                 result,
-            } => self.on_done(peer, file, piece, result)?,
+            } => self.on_done(peer, file, block, result)?,
         }
         Ok(())
     }
@@ -342,7 +408,7 @@ impl Scheduler {
         &mut self,
         peer: SocketAddr,
         file: usize,
-        piece: usize,
+        block: usize,
         result: Result<ChunkRanges, GetError>,
     ) -> Result<(), DownloadError> {
         if let Some(state) = self.peers.get_mut(&peer) {
@@ -372,13 +438,13 @@ impl Scheduler {
                     }
                     GetError::Protocol { .. } => self.ban(peer),
                     GetError::SourceCorrupt { .. } | GetError::Refused { .. } => {
-                        // It doesn't really have this piece: forget that it does.
+                        // It doesn't really have this block: forget that it does.
                         if let Some(state) = self.peers.get_mut(&peer) {
-                            let range = piece_range(size, piece);
+                            let range = block_range(size, block);
                             state.have[file] = state.have[file].clone() - range;
-                            if std::mem::take(&mut state.has_piece[file][piece]) {
+                            if std::mem::take(&mut state.has_block[file][block]) {
                                 state.held -= 1;
-                                self.files[file].pieces[piece].avail -= 1;
+                                self.files[file].blocks[block].avail -= 1;
                             }
                         }
                     }
@@ -388,33 +454,33 @@ impl Scheduler {
             }
         }
         let have = self.files[file].job.partial.have();
-        let complete = covers(&have, &piece_range(size, piece));
+        let complete = covers(&have, &block_range(size, block));
         let f = &mut self.files[file];
-        let p = &mut f.pieces[piece];
-        if let PieceState::InFlight { requests, .. } = &mut p.state {
+        let p = &mut f.blocks[block];
+        if let BlockState::InFlight { requests, .. } = &mut p.state {
             requests.retain(|(who, _)| *who != peer);
             if complete {
                 for (_, cancel) in requests.iter() {
                     cancel.store(true, Ordering::Relaxed);
                 }
-                p.state = PieceState::Have;
+                p.state = BlockState::Have;
                 f.missing -= 1;
             } else if requests.is_empty() {
-                p.state = PieceState::Missing;
+                p.state = BlockState::Missing;
             }
         }
         self.publish_pending(file);
         Ok(())
     }
 
-    /// Tells our own subscribers which pieces of `file` we are fetching now.
+    /// Tells our own subscribers which blocks of `file` we are fetching now.
     fn publish_pending(&self, file: usize) {
         let f = &self.files[file];
         let size = f.job.partial.size();
         let mut pending = ChunkRanges::empty();
-        for (p, piece) in f.pieces.iter().enumerate() {
-            if matches!(piece.state, PieceState::InFlight { .. }) {
-                pending |= piece_range(size, p);
+        for (p, block) in f.blocks.iter().enumerate() {
+            if matches!(block.state, BlockState::InFlight { .. }) {
+                pending |= block_range(size, p);
             }
         }
         f.job.partial.set_pending(pending);
@@ -430,21 +496,23 @@ impl Scheduler {
         warn!(%peer, "banning peer for the rest of this fetch");
         state.banned = true;
         state.subs.abort_all();
-        for (file, has) in state.has_piece.iter_mut().enumerate() {
+        for (file, has) in state.has_block.iter_mut().enumerate() {
             for (p, held) in has.iter_mut().enumerate() {
                 if std::mem::take(held) {
-                    self.files[file].pieces[p].avail -= 1;
+                    self.files[file].blocks[p].avail -= 1;
                 }
             }
         }
         state.held = 0;
-        for (file, pending) in state.pending_piece.iter_mut().enumerate() {
+        for (file, pending) in state.pending_block.iter_mut().enumerate() {
             for (p, is) in pending.iter_mut().enumerate() {
                 if std::mem::take(is) {
-                    self.files[file].pieces[p].pending -= 1;
+                    self.files[file].blocks[p].pending -= 1;
                 }
             }
         }
+        state.pending.fill(ChunkRanges::empty());
+        state.node.fill(0);
     }
 
     fn sync_peers(&mut self, conns: &Connections) {
@@ -473,19 +541,21 @@ impl Scheduler {
             }
             let mut state = PeerState {
                 held: 0,
-                total: self.files.iter().map(|f| f.pieces.len()).sum(),
+                total: self.files.iter().map(|f| f.blocks.len()).sum(),
                 conn: conn.clone(),
                 have: self.files.iter().map(|_| ChunkRanges::empty()).collect(),
-                has_piece: self
+                has_block: self
                     .files
                     .iter()
-                    .map(|f| vec![false; f.pieces.len()])
+                    .map(|f| vec![false; f.blocks.len()])
                     .collect(),
-                pending_piece: self
+                pending: vec![ChunkRanges::empty(); self.files.len()],
+                pending_block: self
                     .files
                     .iter()
-                    .map(|f| vec![false; f.pieces.len()])
+                    .map(|f| vec![false; f.blocks.len()])
                     .collect(),
+                node: vec![0; self.files.len()],
                 in_flight: 0,
                 depth: MIN_REQUESTS_PER_PEER,
                 last_received: self
@@ -532,7 +602,7 @@ impl Scheduler {
             } else {
                 0.7 * state.rate + 0.3 * rate
             };
-            let ahead = (state.rate * PIPELINE_SECS / PIECE_BYTES as f64).ceil() as usize + 1;
+            let ahead = (state.rate * PIPELINE_SECS / BLOCK_BYTES as f64).ceil() as usize + 1;
             state.depth = ahead.clamp(MIN_REQUESTS_PER_PEER, MAX_REQUESTS_PER_PEER);
         }
         let mut due = Vec::new();
@@ -551,11 +621,28 @@ impl Scheduler {
             self.subscribe(addr, &mut state, file);
             self.peers.insert(addr, state);
         }
+        let seeds = self.seeds();
+        let seed_only = self
+            .files
+            .iter()
+            .flat_map(|f| &f.blocks)
+            .filter(|b| {
+                matches!(b.state, BlockState::Missing)
+                    && b.avail > 0
+                    && b.avail.saturating_sub(seeds) + b.pending == 0
+            })
+            .count();
+        if seed_only == 0 || seed_only < self.seed_only {
+            self.seed_only_stuck_since = None;
+        } else {
+            self.seed_only_stuck_since.get_or_insert(now);
+        }
+        self.seed_only = seed_only;
         let in_flight: usize = self.peers.values().map(|p| p.in_flight).sum();
         let offered = self.files.iter().any(|f| {
-            f.pieces
+            f.blocks
                 .iter()
-                .any(|p| matches!(p.state, PieceState::Missing) && p.avail > 0)
+                .any(|p| matches!(p.state, BlockState::Missing) && p.avail > 0)
         });
         if in_flight > 0 || offered {
             self.stalled_since = None;
@@ -582,24 +669,37 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Usable peers holding every file whole.
+    fn seeds(&self) -> u16 {
+        let seeds = self.peers.values().filter(|p| !p.banned && p.is_seed());
+        seeds.count().try_into().unwrap_or(u16::MAX)
+    }
+
     /// Fills every peer's request slots.
     fn schedule(&mut self) {
+        for (f, file) in self.files.iter_mut().enumerate() {
+            let mut ids: Vec<u64> = self
+                .peers
+                .values()
+                .filter(|p| !p.banned && p.node[f] != 0)
+                .map(|p| p.node[f])
+                .chain([file.job.partial.node()])
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            file.resplit(ids);
+        }
         let endgame = self.files.iter().all(|f| {
-            f.pieces
+            f.blocks
                 .iter()
-                .all(|p| !matches!(p.state, PieceState::Missing))
+                .all(|p| !matches!(p.state, BlockState::Missing))
         });
         let addrs: Vec<SocketAddr> = self.peers.keys().copied().collect();
-        let seeds = self
-            .peers
-            .values()
-            .filter(|p| !p.banned && p.is_seed())
-            .count();
-        let others = self.peers.len() > seeds;
+        let others = self.peers.len() > usize::from(self.seeds());
         for addr in addrs {
             loop {
                 let state = &self.peers[&addr];
-                // A seed shared with other peers gets one request at a time from us: its pieces
+                // A seed shared with other peers gets one request at a time from us: its blocks
                 // then arrive (and can be passed on) as early as possible, instead of all of
                 // them crawling in together.
                 let depth = if others && state.is_seed() {
@@ -610,37 +710,42 @@ impl Scheduler {
                 if state.banned || state.in_flight >= depth {
                     break;
                 }
-                let Some((file, piece)) = self.choose(addr, endgame) else {
+                let Some((file, block)) = self.choose(addr, endgame) else {
                     break;
                 };
-                self.start(addr, file, piece);
+                self.start(addr, file, block);
             }
         }
     }
 
     fn choose(&self, addr: SocketAddr, endgame: bool) -> Option<(usize, usize)> {
         let state = &self.peers[&addr];
-        // A seed's upload is the swarm's scarcest resource: ask seeds only for pieces that no
+        // A seed's upload is the swarm's scarcest resource: ask seeds only for blocks that no
         // other peer holds or is fetching, and let peers spread the rest among themselves.
-        let seeds = self
-            .peers
-            .values()
-            .filter(|p| !p.banned && p.is_seed())
-            .count() as u16;
-        let spare_seed = state.is_seed() && self.peers.len() > seeds as usize;
-        let others = |piece: &Piece| piece.avail.saturating_sub(seeds) + piece.pending;
-        let mut best: Option<((u16, u32), usize, usize)> = None;
+        let seeds = self.seeds();
+        let others = |block: &Block| block.avail.saturating_sub(seeds) + block.pending;
+        let spare_seed = state.is_seed() && self.peers.len() > usize::from(seeds);
+        let any_rank = self
+            .seed_only_stuck_since
+            .is_some_and(|t| t.elapsed() >= STAND_IN_WAIT);
+        let mut best: Option<(BlockScore, usize, usize)> = None;
         for (f, file) in self.files.iter().enumerate() {
             if file.missing == 0 {
                 continue;
             }
-            for (p, piece) in file.pieces.iter().enumerate() {
-                if matches!(piece.state, PieceState::Missing) && state.has_piece[f][p] {
-                    if spare_seed && others(piece) > 0 {
+            for (p, block) in file.blocks.iter().enumerate() {
+                if matches!(block.state, BlockState::Missing) && state.has_block[f][p] {
+                    let stand_in_too_far = file.seed_order[p].0 > SEED_STAND_INS && !any_rank;
+                    if spare_seed && (others(block) > 0 || stand_in_too_far) {
                         continue;
                     }
-                    // A piece another peer is already fetching counts as one more source.
-                    let score = (piece.avail + piece.pending, piece.key);
+                    // A block another peer is already fetching counts as one more source.
+                    let order = if spare_seed {
+                        file.seed_order[p]
+                    } else {
+                        (0, u64::from(block.key))
+                    };
+                    let score = (block.avail + block.pending, order);
                     if best.as_ref().is_none_or(|(b, _, _)| score < *b) {
                         best = Some((score, f, p));
                     }
@@ -650,18 +755,18 @@ impl Scheduler {
         if let Some((_, f, p)) = best {
             return Some((f, p));
         }
-        // Endgame and slow pieces: duplicate the oldest in-flight piece this peer could serve.
+        // Endgame and slow blocks: duplicate the oldest in-flight block this peer could serve.
         let mut oldest: Option<(Instant, usize, usize)> = None;
         for (f, file) in self.files.iter().enumerate() {
-            for (p, piece) in file.pieces.iter().enumerate() {
-                let PieceState::InFlight { since, requests } = &piece.state else {
+            for (p, block) in file.blocks.iter().enumerate() {
+                let BlockState::InFlight { since, requests } = &block.state else {
                     continue;
                 };
-                let eligible = state.has_piece[f][p]
-                    && !(spare_seed && others(piece) > 0 && since.elapsed() < SLOW_PIECE)
+                let eligible = state.has_block[f][p]
+                    && !(spare_seed && others(block) > 0 && since.elapsed() < SLOW_BLOCK)
                     && requests.len() < 2
                     && requests.iter().all(|(who, _)| *who != addr)
-                    && (endgame || since.elapsed() >= SLOW_PIECE);
+                    && (endgame || since.elapsed() >= SLOW_BLOCK);
                 if eligible && oldest.as_ref().is_none_or(|(t, _, _)| since < t) {
                     oldest = Some((*since, f, p));
                 }
@@ -670,24 +775,24 @@ impl Scheduler {
         oldest.map(|(_, f, p)| (f, p))
     }
 
-    fn start(&mut self, addr: SocketAddr, file: usize, piece: usize) {
+    fn start(&mut self, addr: SocketAddr, file: usize, block: usize) {
         let job = &self.files[file].job;
         let size = job.partial.size();
-        let wanted = piece_range(size, piece) & job.partial.missing();
+        let wanted = block_range(size, block) & job.partial.missing();
         let cancel = Arc::new(AtomicBool::new(false));
         let f = &mut self.files[file];
         if wanted.is_empty() {
             // Completed meanwhile (e.g. by another fetch of the same blob).
-            if !matches!(f.pieces[piece].state, PieceState::Have) {
-                f.pieces[piece].state = PieceState::Have;
+            if !matches!(f.blocks[block].state, BlockState::Have) {
+                f.blocks[block].state = BlockState::Have;
                 f.missing -= 1;
             }
             return;
         }
-        match &mut f.pieces[piece].state {
-            PieceState::InFlight { requests, .. } => requests.push((addr, cancel.clone())),
+        match &mut f.blocks[block].state {
+            BlockState::InFlight { requests, .. } => requests.push((addr, cancel.clone())),
             state => {
-                *state = PieceState::InFlight {
+                *state = BlockState::InFlight {
                     since: Instant::now(),
                     requests: vec![(addr, cancel.clone())],
                 }
@@ -710,7 +815,7 @@ impl Scheduler {
             let _ = events.send(Event::Done {
                 peer: addr,
                 file,
-                piece,
+                block,
                 result,
             });
         });
@@ -719,8 +824,8 @@ impl Scheduler {
     fn cancel_all(&mut self) {
         for file in &self.files {
             file.job.partial.set_pending(ChunkRanges::empty());
-            for piece in &file.pieces {
-                if let PieceState::InFlight { requests, .. } = &piece.state {
+            for block in &file.blocks {
+                if let BlockState::InFlight { requests, .. } = &block.state {
                     for (_, cancel) in requests {
                         cancel.store(true, Ordering::Relaxed);
                     }
@@ -754,12 +859,14 @@ async fn subscribe_task(
                     size: s,
                     ranges,
                     pending,
+                    node,
                 } if s == size => {
                     let added = ranges::from_spans(&ranges, size);
                     let pending = ranges::from_spans(&pending, size);
                     if events
                         .send(Event::Have {
                             pending,
+                            node,
                             peer,
                             conn: id,
                             file,
@@ -785,13 +892,38 @@ async fn subscribe_task(
     });
 }
 
-fn piece_count(size: u64) -> usize {
-    ranges::chunk_count(size).0.div_ceil(PIECE_CHUNKS) as usize
+/// Where block `block` comes in our requests to a seed when the downloaders `ids` (ours, `me`,
+/// included) split the seed's blocks: our rank among them (0: we own it), then the owner's
+/// weight, heaviest first for the owner and lightest first for stand-ins. Lower goes first.
+fn seed_order(me: u64, ids: &[u64], block: usize) -> (u16, u64) {
+    let mine = rendezvous(me, block);
+    let (mut rank, mut top) = (0u16, mine);
+    for &id in ids.iter().filter(|&&id| id != me) {
+        let weight = rendezvous(id, block);
+        if weight > mine {
+            rank = rank.saturating_add(1);
+        }
+        top = top.max(weight);
+    }
+    (rank, if rank == 0 { u64::MAX - top } else { top })
 }
 
-fn piece_range(size: u64, piece: usize) -> ChunkRanges {
-    let start = piece as u64 * PIECE_CHUNKS;
-    let end = (start + PIECE_CHUNKS).min(ranges::chunk_count(size).0);
+/// The weight of node id `node` for piece or block `index` in a rendezvous split: the highest
+/// weight wins, so every node computes the same owner and a node leaving moves only its share.
+pub(crate) fn rendezvous(node: u64, index: usize) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&node.to_le_bytes());
+    h.update(&(index as u64).to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+fn block_count(size: u64) -> usize {
+    ranges::chunk_count(size).0.div_ceil(BLOCK_CHUNKS) as usize
+}
+
+fn block_range(size: u64, block: usize) -> ChunkRanges {
+    let start = block as u64 * BLOCK_CHUNKS;
+    let end = (start + BLOCK_CHUNKS).min(ranges::chunk_count(size).0);
     ChunkRanges::from(ChunkNum(start)..ChunkNum(end))
 }
 
@@ -799,13 +931,13 @@ fn covers(have: &ChunkRanges, range: &ChunkRanges) -> bool {
     (range.clone() - have).is_empty()
 }
 
-/// The pieces a range set touches.
-fn pieces_touching(ranges: &ChunkRanges, size: u64) -> impl Iterator<Item = usize> {
+/// The blocks a range set touches.
+fn blocks_touching(ranges: &ChunkRanges, size: u64) -> impl Iterator<Item = usize> {
     let bounded = ranges.clone() & ranges::all_chunks(size);
     let spans: Vec<(u64, u64)> = bounded
         .boundaries()
         .chunks(2)
-        .map(|pair| (pair[0].0 / PIECE_CHUNKS, (pair[1].0 - 1) / PIECE_CHUNKS))
+        .map(|pair| (pair[0].0 / BLOCK_CHUNKS, (pair[1].0 - 1) / BLOCK_CHUNKS))
         .collect();
     spans
         .into_iter()
@@ -817,18 +949,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pieces_cover_the_blob_exactly() {
-        let size = 3 * PIECE_BYTES + 5;
-        assert_eq!(piece_count(size), 4);
-        assert_eq!(piece_count(0), 1);
-        assert_eq!(piece_count(PIECE_BYTES), 1);
+    fn blocks_cover_the_blob_exactly() {
+        let size = 3 * BLOCK_BYTES + 5;
+        assert_eq!(block_count(size), 4);
+        assert_eq!(block_count(0), 1);
+        assert_eq!(block_count(BLOCK_BYTES), 1);
         let mut all = ChunkRanges::empty();
-        for p in 0..piece_count(size) {
-            all |= piece_range(size, p);
+        for p in 0..block_count(size) {
+            all |= block_range(size, p);
         }
         assert_eq!(all, ranges::all_chunks(size));
-        let touched: Vec<_> =
-            pieces_touching(&ChunkRanges::from(ChunkNum(1000)..ChunkNum(2100)), size).collect();
+        let span = ChunkNum(BLOCK_CHUNKS - 24)..ChunkNum(2 * BLOCK_CHUNKS + 52);
+        let touched: Vec<_> = blocks_touching(&ChunkRanges::from(span), size).collect();
         assert_eq!(touched, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn seed_split_gives_each_block_one_owner_and_one_first_stand_in() {
+        let ids = [11u64, 22, 33, 44, 55];
+        let mut owned = [0usize; 5];
+        for block in 0..1000 {
+            let orders: Vec<(u16, u64)> =
+                ids.iter().map(|&me| seed_order(me, &ids, block)).collect();
+            let ranks: Vec<u16> = orders.iter().map(|o| o.0).collect();
+            for rank in 0..5u16 {
+                assert_eq!(
+                    ranks.iter().filter(|&&r| r == rank).count(),
+                    1,
+                    "block {block}"
+                );
+            }
+            let owner = ranks.iter().position(|&r| r == 0).unwrap();
+            owned[owner] += 1;
+            // Owner and first stand-in walk the owner's blocks from opposite ends.
+            let stand_in = ranks.iter().position(|&r| r == 1).unwrap();
+            assert_eq!(orders[owner].1, u64::MAX - orders[stand_in].1);
+        }
+        // Rendezvous spreads the blocks: each of 5 nodes owns about 200 of 1000.
+        assert!(owned.iter().all(|&n| (140..260).contains(&n)), "{owned:?}");
+        // Alone, a node owns everything, in an order of its own.
+        let alone: Vec<u64> = (0..8).map(|b| seed_order(11, &[11], b).1).collect();
+        let other: Vec<u64> = (0..8).map(|b| seed_order(22, &[22], b).1).collect();
+        assert_ne!(alone, other);
     }
 }

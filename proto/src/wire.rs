@@ -226,6 +226,10 @@ pub enum Response {
         /// The chunks the provider is fetching right now, in full (each frame replaces the
         /// last). Peers avoid asking a seed for pieces another peer is already bringing in.
         pending: ChunkSpans,
+        /// The provider's random id for its download of this blob (0 if it is not downloading
+        /// it). Downloaders split the pieces only seeds hold by rendezvous hash over these ids,
+        /// so a seed sends each piece once.
+        node: u64,
     },
     /// What a node holds of a HuggingFace file it is assembling (full sets each time).
     HubHave {

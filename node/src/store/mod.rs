@@ -141,6 +141,8 @@ pub struct BlobHave {
     pub pending: ChunkRanges,
     /// For a download in progress: wakes when more chunks are verified.
     pub changes: Option<tokio::sync::watch::Receiver<()>>,
+    /// For a download in progress: its random id ([`PartialBlob::node`]); otherwise 0.
+    pub node: u64,
 }
 
 /// An open blob to serve: data, outboard and the chunks that may be read.
@@ -305,6 +307,7 @@ impl Store {
                     have: partial.have(),
                     pending: partial.pending(),
                     changes: Some(partial.subscribe()),
+                    node: partial.node(),
                 }));
             }
         }
@@ -314,12 +317,14 @@ impl Store {
                 have: ranges::all_chunks(size),
                 pending: ChunkRanges::empty(),
                 changes: None,
+                node: 0,
             }),
             Some(BlobRecord::Partial { size, have }) => Some(BlobHave {
                 size,
                 have: ranges_from_pairs(&have, size),
                 pending: ChunkRanges::empty(),
                 changes: None,
+                node: 0,
             }),
             None => None,
         })

@@ -49,6 +49,9 @@ pub struct PartialBlob {
     io_gate: std::sync::RwLock<()>,
     /// Bumped after every verified write, so subscribers can advertise new pieces at once.
     changed: tokio::sync::watch::Sender<()>,
+    /// A random id for this download, which peers use to split the seed's pieces among the
+    /// nodes downloading the blob.
+    node: u64,
 }
 
 #[derive(Debug, Default)]
@@ -107,7 +110,13 @@ impl PartialBlob {
             }),
             io_gate: std::sync::RwLock::new(()),
             changed: tokio::sync::watch::channel(()).0,
+            node: rand::random::<u64>().max(1),
         })
+    }
+
+    /// This download's random id, advertised to peers (never 0).
+    pub fn node(&self) -> u64 {
+        self.node
     }
 
     /// The blob's hash.

@@ -132,6 +132,7 @@ impl Provider {
                         size,
                         ranges: ranges::to_spans(&reader.have, size),
                         pending: Default::default(),
+                        node: 0,
                     }
                 }
                 Err(e) => Response::Error(error_code(&e)),
@@ -206,6 +207,7 @@ impl Provider {
                 have,
                 pending,
                 changes,
+                node,
             })) = blocking(move || store.have(hash)).await
             else {
                 if first {
@@ -220,6 +222,7 @@ impl Provider {
                     size,
                     ranges: ranges::to_spans(&added, size),
                     pending: ranges::to_spans(&pending, size),
+                    node,
                 };
                 write_frame(&mut send, &frame).await?;
                 sent = have;
