@@ -125,19 +125,31 @@ fn one_seed_four_peers_all_identical_and_peers_relay() {
     for p in &peers {
         assert_same_tree(&src, &p.home.join("out"));
     }
-    // Without relaying the seed would send 4x the model; peers must carry a good part of it.
+    // Without relaying the seed would send 4x the model. The downloaders split what only the
+    // seed holds, so it sends each block about once (bao parents add under 1%), and the peers
+    // carry the other 3x among themselves, none far beyond its share of 0.75x.
     let total = size + 700;
     let seed_sent = seed.counter("mesh_bytes_sent_total");
-    let relayed: u64 = peers
+    let relayed: Vec<u64> = peers
         .iter()
         .map(|p| p.counter("mesh_bytes_sent_total"))
-        .sum();
-    eprintln!("seed sent {seed_sent}, peers relayed {relayed}, model {total}");
-    assert!(relayed > total, "peers relayed only {relayed} bytes");
+        .collect();
+    eprintln!("seed sent {seed_sent}, peers relayed {relayed:?}, model {total}");
     assert!(
-        seed_sent < total * 5 / 2,
-        "the seed sent {seed_sent} bytes for a {total}-byte model"
+        seed_sent < total * 23 / 20,
+        "the seed sent {seed_sent} bytes for a {total}-byte model (over 1.15x)"
     );
+    assert!(
+        relayed.iter().sum::<u64>() > total * 5 / 2,
+        "peers relayed too little"
+    );
+    for (i, sent) in relayed.iter().enumerate() {
+        assert!(
+            *sent < total * 3 / 2,
+            "host {} relayed {sent} bytes, twice its share of a {total}-byte model",
+            i + 2
+        );
+    }
 }
 
 #[test]
