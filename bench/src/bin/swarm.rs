@@ -164,9 +164,16 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
         .iter()
         .map(|n| n.counter("mesh_bytes_sent_total"))
         .sum();
+    let seed_addr = lab.addr(1);
+    let from_seed: u64 = nodes[1..]
+        .iter()
+        .map(|n| received_from(n, &seed_addr))
+        .sum::<Result<u64>>()?;
     eprintln!(
-        "mesh: seed sent {:.2}x the file, peers relayed {:.2}x, duplicates received {:.2}x",
+        "mesh: seed sent {:.3}x the file (bao-encoded), of which new to its receiver {:.3}x; \
+         peers relayed {:.2}x; duplicates received {:.3}x",
         seed_sent as f64 / size as f64,
+        from_seed as f64 / size as f64,
         relayed as f64 / size as f64,
         dup as f64 / size as f64
     );
@@ -174,6 +181,28 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
     drop(lab);
     let delivered_gb = (opt.peers as u64 * size) as f64 / 1e9;
     Ok((secs, cpu / delivered_gb))
+}
+
+/// Verified new bytes node `n` received from the peer at `ip`, from `mesh peers --json`.
+fn received_from(n: &NodeProc, ip: &str) -> Result<u64> {
+    let out = n.spawn_cli(&["peers", "--json"]).wait_with_output()?;
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "mesh peers --json: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok(table
+        .as_array()
+        .context("mesh peers --json prints a list")?
+        .iter()
+        .filter(|p| {
+            p["addr"]
+                .as_str()
+                .is_some_and(|a| a.split(':').next() == Some(ip))
+        })
+        .filter_map(|p| p["received"].as_u64())
+        .sum())
 }
 
 fn baseline(script: &Path, mode: &str, opt: &Opt, file: &Path) -> Result<f64> {
