@@ -1,6 +1,7 @@
 //! The block scheduler: one file set from many peers at once.
 //!
-//! Files are requested in 256 KiB blocks (aligned to 16 KiB chunk groups). Every peer streams
+//! Files are requested in 256 KiB blocks (aligned to 16 KiB chunk groups; files over 8 GiB get
+//! bigger blocks so that none has more than [`MAX_BLOCKS`]). Every peer streams
 //! what it holds of each file ([`Request::Subscribe`]) as it verifies it, chunk group by chunk
 //! group, with what it is fetching right now, so the scheduler always knows who has what. It
 //! keeps about [`PIPELINE_SECS`] of each peer's measured rate requested ahead, choosing:
@@ -8,7 +9,8 @@
 //!   ties broken by a per-fetch random key so different nodes spread over different blocks;
 //! - **a seed sends each block once**: a seed is asked only for blocks no other peer holds or
 //!   is fetching, and the downloaders split those by rendezvous hash over their download ids
-//!   (a node takes its own share first, then the others', so nothing waits on a slow node);
+//!   (a node takes its own share first, then the blocks it stands in for, so a slow owner
+//!   holds nothing up; see [`FileState::resplit`]);
 //! - **endgame**: once nothing is left unassigned, an idle peer duplicates an in-flight block
 //!   (at most two requests per block); the first to finish wins and the other is cancelled;
 //! - **slow peers**: a block in flight for [`SLOW_BLOCK`] may be duplicated at any time;
@@ -53,10 +55,11 @@ use crate::{
     transfer::get::{get_ranges, GetError, GetHooks},
 };
 
-/// Bytes in one block, the unit of requests.
+/// Bytes in one block, the unit of requests, for files up to [`MAX_BLOCKS`] of them.
 const BLOCK_BYTES: u64 = 256 << 10;
-/// Chunks in one block.
-const BLOCK_CHUNKS: u64 = BLOCK_BYTES / CHUNK_BYTES;
+/// The most blocks in one file: bigger files get bigger blocks (a power of two times
+/// [`BLOCK_BYTES`]), since choosing a block scans the file's blocks.
+const MAX_BLOCKS: u64 = 32 << 10;
 /// Block requests in flight to a peer we know nothing about yet.
 const MIN_REQUESTS_PER_PEER: usize = 2;
 /// Requests in flight to a seed while other peers can serve too.
@@ -116,8 +119,10 @@ pub async fn download(
     metrics: Arc<Metrics>,
 ) -> Result<Vec<SocketAddr>, DownloadError> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let files = jobs.into_iter().map(FileState::new).collect();
+    let files: Vec<FileState> = jobs.into_iter().map(FileState::new).collect();
+    let block_bytes = files.iter().map(|f| f.layout.block * CHUNK_BYTES).max();
     let mut scheduler = Scheduler {
+        block_bytes: block_bytes.unwrap_or(BLOCK_BYTES),
         files,
         peers: HashMap::new(),
         events: tx,
@@ -139,6 +144,7 @@ pub async fn download(
 #[derive(Debug)]
 struct FileState {
     job: FileJob,
+    layout: Layout,
     blocks: Vec<Block>,
     /// Blocks not yet [`BlockState::Have`].
     missing: usize,
@@ -175,12 +181,11 @@ enum BlockState {
 
 impl FileState {
     fn new(job: FileJob) -> Self {
-        let size = job.partial.size();
+        let layout = Layout::new(job.partial.size());
         let have = job.partial.have();
-        let count = block_count(size);
-        let blocks: Vec<Block> = (0..count)
+        let blocks: Vec<Block> = (0..layout.count())
             .map(|p| Block {
-                state: if covers(&have, &block_range(size, p)) {
+                state: if covers(&have, &layout.range(p)) {
                     BlockState::Have
                 } else {
                     BlockState::Missing
@@ -196,6 +201,7 @@ impl FileState {
             .count();
         let me = job.partial.node();
         let mut state = Self {
+            layout,
             split: Vec::new(),
             seed_order: vec![(0, 0); blocks.len()],
             job,
@@ -285,6 +291,8 @@ enum Event {
 
 struct Scheduler {
     files: Vec<FileState>,
+    /// The largest block size among the files, for pipelining.
+    block_bytes: u64,
     peers: HashMap<SocketAddr, PeerState>,
     events: mpsc::UnboundedSender<Event>,
     peer_set: Peers,
@@ -346,18 +354,17 @@ impl Scheduler {
                     return Ok(());
                 }
                 state.have[file] |= added.clone();
-                let size = self.files[file].job.partial.size();
-                for p in blocks_touching(&added, size) {
-                    if !state.has_block[file][p] && covers(&state.have[file], &block_range(size, p))
-                    {
+                let layout = self.files[file].layout;
+                for p in layout.touching(&added) {
+                    if !state.has_block[file][p] && covers(&state.have[file], &layout.range(p)) {
                         state.has_block[file][p] = true;
                         state.held += 1;
                         self.files[file].blocks[p].avail += 1;
                     }
                 }
-                let now_pending: HashSet<usize> = blocks_touching(&pending, size).collect();
+                let now_pending: HashSet<usize> = layout.touching(&pending).collect();
                 let touched = pending.clone() | &state.pending[file];
-                for p in blocks_touching(&touched, size) {
+                for p in layout.touching(&touched) {
                     let was = &mut state.pending_block[file][p];
                     let is = now_pending.contains(&p);
                     if is != *was {
@@ -414,7 +421,6 @@ impl Scheduler {
         if let Some(state) = self.peers.get_mut(&peer) {
             state.in_flight -= 1;
         }
-        let size = self.files[file].job.partial.size();
         match result {
             Ok(sent) => {
                 if !sent.is_empty() {
@@ -440,7 +446,7 @@ impl Scheduler {
                     GetError::SourceCorrupt { .. } | GetError::Refused { .. } => {
                         // It doesn't really have this block: forget that it does.
                         if let Some(state) = self.peers.get_mut(&peer) {
-                            let range = block_range(size, block);
+                            let range = self.files[file].layout.range(block);
                             state.have[file] = state.have[file].clone() - range;
                             if std::mem::take(&mut state.has_block[file][block]) {
                                 state.held -= 1;
@@ -454,7 +460,7 @@ impl Scheduler {
             }
         }
         let have = self.files[file].job.partial.have();
-        let complete = covers(&have, &block_range(size, block));
+        let complete = covers(&have, &self.files[file].layout.range(block));
         let f = &mut self.files[file];
         let p = &mut f.blocks[block];
         if let BlockState::InFlight { requests, .. } = &mut p.state {
@@ -476,11 +482,10 @@ impl Scheduler {
     /// Tells our own subscribers which blocks of `file` we are fetching now.
     fn publish_pending(&self, file: usize) {
         let f = &self.files[file];
-        let size = f.job.partial.size();
         let mut pending = ChunkRanges::empty();
         for (p, block) in f.blocks.iter().enumerate() {
             if matches!(block.state, BlockState::InFlight { .. }) {
-                pending |= block_range(size, p);
+                pending |= f.layout.range(p);
             }
         }
         f.job.partial.set_pending(pending);
@@ -602,7 +607,7 @@ impl Scheduler {
             } else {
                 0.7 * state.rate + 0.3 * rate
             };
-            let ahead = (state.rate * PIPELINE_SECS / BLOCK_BYTES as f64).ceil() as usize + 1;
+            let ahead = (state.rate * PIPELINE_SECS / self.block_bytes as f64).ceil() as usize + 1;
             state.depth = ahead.clamp(MIN_REQUESTS_PER_PEER, MAX_REQUESTS_PER_PEER);
         }
         let mut due = Vec::new();
@@ -777,8 +782,7 @@ impl Scheduler {
 
     fn start(&mut self, addr: SocketAddr, file: usize, block: usize) {
         let job = &self.files[file].job;
-        let size = job.partial.size();
-        let wanted = block_range(size, block) & job.partial.missing();
+        let wanted = self.files[file].layout.range(block) & job.partial.missing();
         let cancel = Arc::new(AtomicBool::new(false));
         let f = &mut self.files[file];
         if wanted.is_empty() {
@@ -917,31 +921,53 @@ pub(crate) fn rendezvous(node: u64, index: usize) -> u64 {
     u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
-fn block_count(size: u64) -> usize {
-    ranges::chunk_count(size).0.div_ceil(BLOCK_CHUNKS) as usize
+/// How a file is cut into blocks.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Chunks in the file, and in one block (the last may be shorter).
+    chunks: u64,
+    block: u64,
 }
 
-fn block_range(size: u64, block: usize) -> ChunkRanges {
-    let start = block as u64 * BLOCK_CHUNKS;
-    let end = (start + BLOCK_CHUNKS).min(ranges::chunk_count(size).0);
-    ChunkRanges::from(ChunkNum(start)..ChunkNum(end))
+impl Layout {
+    fn new(size: u64) -> Self {
+        let chunks = ranges::chunk_count(size).0;
+        let mut block = BLOCK_BYTES / CHUNK_BYTES;
+        while chunks.div_ceil(block) > MAX_BLOCKS {
+            block *= 2;
+        }
+        Self { chunks, block }
+    }
+
+    /// Blocks in the file (one for an empty file).
+    fn count(&self) -> usize {
+        self.chunks.div_ceil(self.block).max(1) as usize
+    }
+
+    /// The chunks of block `index`.
+    fn range(&self, index: usize) -> ChunkRanges {
+        let start = index as u64 * self.block;
+        let end = (start + self.block).min(self.chunks);
+        ChunkRanges::from(ChunkNum(start)..ChunkNum(end))
+    }
+
+    /// The blocks a range set touches.
+    fn touching(&self, ranges: &ChunkRanges) -> impl Iterator<Item = usize> {
+        let bounded = ranges.clone() & ChunkRanges::from(ChunkNum(0)..ChunkNum(self.chunks));
+        let block = self.block;
+        let spans: Vec<(u64, u64)> = bounded
+            .boundaries()
+            .chunks(2)
+            .map(|pair| (pair[0].0 / block, (pair[1].0 - 1) / block))
+            .collect();
+        spans
+            .into_iter()
+            .flat_map(|(a, b)| (a as usize)..=(b as usize))
+    }
 }
 
 fn covers(have: &ChunkRanges, range: &ChunkRanges) -> bool {
     (range.clone() - have).is_empty()
-}
-
-/// The blocks a range set touches.
-fn blocks_touching(ranges: &ChunkRanges, size: u64) -> impl Iterator<Item = usize> {
-    let bounded = ranges.clone() & ranges::all_chunks(size);
-    let spans: Vec<(u64, u64)> = bounded
-        .boundaries()
-        .chunks(2)
-        .map(|pair| (pair[0].0 / BLOCK_CHUNKS, (pair[1].0 - 1) / BLOCK_CHUNKS))
-        .collect();
-    spans
-        .into_iter()
-        .flat_map(|(a, b)| (a as usize)..=(b as usize))
 }
 
 #[cfg(test)]
@@ -951,17 +977,37 @@ mod tests {
     #[test]
     fn blocks_cover_the_blob_exactly() {
         let size = 3 * BLOCK_BYTES + 5;
-        assert_eq!(block_count(size), 4);
-        assert_eq!(block_count(0), 1);
-        assert_eq!(block_count(BLOCK_BYTES), 1);
+        let layout = Layout::new(size);
+        assert_eq!(layout.count(), 4);
+        assert_eq!(Layout::new(0).count(), 1);
+        assert_eq!(Layout::new(BLOCK_BYTES).count(), 1);
         let mut all = ChunkRanges::empty();
-        for p in 0..block_count(size) {
-            all |= block_range(size, p);
+        for p in 0..layout.count() {
+            all |= layout.range(p);
         }
         assert_eq!(all, ranges::all_chunks(size));
-        let span = ChunkNum(BLOCK_CHUNKS - 24)..ChunkNum(2 * BLOCK_CHUNKS + 52);
-        let touched: Vec<_> = blocks_touching(&ChunkRanges::from(span), size).collect();
+        let block = BLOCK_BYTES / CHUNK_BYTES;
+        let span = ChunkNum(block - 24)..ChunkNum(2 * block + 52);
+        let touched: Vec<_> = layout.touching(&ChunkRanges::from(span)).collect();
         assert_eq!(touched, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn big_files_get_bigger_blocks_on_the_chunk_group_grid() {
+        let gib = 1u64 << 30;
+        assert_eq!(Layout::new(8 * gib).count() as u64, MAX_BLOCKS);
+        assert_eq!(Layout::new(8 * gib).block * CHUNK_BYTES, BLOCK_BYTES);
+        assert_eq!(
+            Layout::new(8 * gib + 1).block * CHUNK_BYTES,
+            2 * BLOCK_BYTES
+        );
+        let big = Layout::new(50_000_000_000);
+        assert!(big.count() as u64 <= MAX_BLOCKS);
+        assert_eq!(big.block * CHUNK_BYTES, 2 << 20);
+        // Blocks stay aligned to the 16-chunk groups the store verifies.
+        assert_eq!(big.block % 16, 0);
+        let last = big.range(big.count() - 1);
+        assert_eq!(last.boundaries()[1].0, big.chunks);
     }
 
     #[test]
