@@ -287,3 +287,54 @@ fn two_fetches_of_one_model_on_one_node_download_once() {
         "the seed sent {seed_sent} bytes: downloaded twice"
     );
 }
+
+#[test]
+fn hosts_that_cannot_reach_the_seed_get_its_blocks_through_one_that_can() {
+    // Hosts 2 and 3 have no route to the seed (host 1); host 4 reaches everyone. The three
+    // downloaders split the seed's blocks, so host 4 owns about a third and stands in for
+    // another third; the blocks whose owner and stand-in are hosts 2 and 3 it takes only once
+    // the seed-only blocks stop getting fewer. Everyone must still finish.
+    let Some(lab) = lab("msr", 6, 4, Some("100mbit")) else {
+        return;
+    };
+    for host in [2, 3] {
+        let status = std::process::Command::new("ip")
+            .args(["-n", &lab.ns(host), "route", "add", "blackhole"])
+            .arg(format!("{}/32", lab.addr(1)))
+            .status()
+            .expect("ip runs");
+        assert!(status.success(), "blackhole route on host {host}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let size = 16 << 20;
+    make_model(&src, size);
+    add(&tmp.path().join("h1"), KEY, &src, "demo");
+    let seed = node(&lab, tmp.path(), 1, &[]);
+    let peers: Vec<NodeProc> = (2..=4).map(|i| node(&lab, tmp.path(), i, &[])).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // Host 4 starts first, so the others can learn the model's manifest from it.
+    let bridge = &peers[2];
+    let args = fetch_args(&bridge.home.join("out"));
+    let first = bridge.spawn_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let started = std::time::Instant::now();
+    while bridge.counter("mesh_bytes_received_total") == 0 {
+        assert!(started.elapsed() < FETCH_TIMEOUT, "host 4 never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rest = fetch_all(&peers[..2]);
+    for (i, child) in std::iter::once(first).chain(rest).enumerate() {
+        let host = [4, 2, 3][i];
+        let run = finish(child, &format!("mesh fetch on host {host}"), FETCH_TIMEOUT);
+        assert!(run.status.success(), "fetch on host {host} failed");
+    }
+    for p in &peers {
+        assert_same_tree(&src, &p.home.join("out"));
+    }
+    let total = size + 700;
+    let seed_sent = seed.counter("mesh_bytes_sent_total");
+    assert!(
+        seed_sent < total * 23 / 20,
+        "the seed sent {seed_sent} bytes for a {total}-byte model"
+    );
+}
