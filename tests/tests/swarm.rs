@@ -23,6 +23,34 @@ fn make_model(dir: &Path, size: u64) {
     write_file(&dir.join("config.json"), 700, 12);
 }
 
+/// A seed on host 1 holding a model "demo" of `size` bytes (plus a small file), and a node on
+/// every other host of the lab, after mDNS had time to settle as it would in a running lab.
+struct Fleet {
+    seed: NodeProc,
+    peers: Vec<NodeProc>,
+    src: std::path::PathBuf,
+    /// Every store, and the model's source; held so it is removed only after the nodes stop.
+    _tmp: tempfile::TempDir,
+}
+
+fn fleet(lab: &NetLab, size: u64) -> Fleet {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_model(&src, size);
+    add(&tmp.path().join("h1"), KEY, &src, "demo");
+    let seed = node(lab, tmp.path(), 1, &[]);
+    let peers = (2..=lab.hosts())
+        .map(|i| node(lab, tmp.path(), i, &[]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    Fleet {
+        seed,
+        peers,
+        src,
+        _tmp: tmp,
+    }
+}
+
 /// Starts `mesh node` on host `i` with its own store.
 fn node(lab: &NetLab, root: &Path, i: usize, extra: &[&str]) -> NodeProc {
     NodeProc::start_in(
@@ -105,15 +133,10 @@ fn one_seed_four_peers_all_identical_and_peers_relay() {
     let Some(lab) = lab("ms4", 2, 5, Some("100mbit")) else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let size = 24 << 20;
-    make_model(&src, size);
-    add(&tmp.path().join("h1"), KEY, &src, "demo");
-    let seed = node(&lab, tmp.path(), 1, &[]);
-    let peers: Vec<NodeProc> = (2..=5).map(|i| node(&lab, tmp.path(), i, &[])).collect();
-    std::thread::sleep(Duration::from_secs(3)); // let mDNS settle, as a lab would be
-    let fetches: Vec<_> = fetch_all(&peers);
+    let fleet = fleet(&lab, size);
+    let (seed, peers) = (&fleet.seed, &fleet.peers);
+    let fetches: Vec<_> = fetch_all(peers);
     for (i, child) in fetches.into_iter().enumerate() {
         let run = finish(
             child,
@@ -122,8 +145,8 @@ fn one_seed_four_peers_all_identical_and_peers_relay() {
         );
         assert!(run.status.success(), "fetch on host {} failed", i + 2);
     }
-    for p in &peers {
-        assert_same_tree(&src, &p.home.join("out"));
+    for p in peers {
+        assert_same_tree(&fleet.src, &p.home.join("out"));
     }
     // Without relaying the seed would send 4x the model. The downloaders split what only the
     // seed holds, so it sends each block about once (bao parents add under 1%), and the peers
@@ -157,15 +180,10 @@ fn a_peer_killed_mid_transfer_costs_only_its_pieces() {
     let Some(lab) = lab("msk", 3, 4, Some("50mbit")) else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let size = 24 << 20;
-    make_model(&src, size);
-    add(&tmp.path().join("h1"), KEY, &src, "demo");
-    let _seed = node(&lab, tmp.path(), 1, &[]);
-    let mut peers: Vec<NodeProc> = (2..=4).map(|i| node(&lab, tmp.path(), i, &[])).collect();
-    std::thread::sleep(Duration::from_secs(3));
-    let mut fetches: Vec<_> = fetch_all(&peers);
+    let mut fleet = fleet(&lab, size);
+    let peers = &mut fleet.peers;
+    let mut fetches: Vec<_> = fetch_all(peers);
     // Kill host 4's node once it holds (and so serves) part of the model.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while peers[2].counter("mesh_bytes_received_total") < size / 4 {
@@ -191,8 +209,8 @@ fn a_peer_killed_mid_transfer_costs_only_its_pieces() {
             i + 2
         );
     }
-    for p in &peers {
-        assert_same_tree(&src, &p.home.join("out"));
+    for p in peers.iter() {
+        assert_same_tree(&fleet.src, &p.home.join("out"));
     }
 }
 
@@ -257,14 +275,9 @@ fn two_fetches_of_one_model_on_one_node_download_once() {
     let Some(lab) = lab("ms2", 5, 2, Some("200mbit")) else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let size = 24 << 20;
-    make_model(&src, size);
-    add(&tmp.path().join("h1"), KEY, &src, "demo");
-    let seed = node(&lab, tmp.path(), 1, &[]);
-    let target = node(&lab, tmp.path(), 2, &[]);
-    std::thread::sleep(Duration::from_secs(3));
+    let fleet = fleet(&lab, size);
+    let (seed, target, src) = (&fleet.seed, &fleet.peers[0], &fleet.src);
     let a = target.home.join("out-a");
     let b = target.home.join("out-b");
     let first = target.spawn_cli(&["fetch", "demo", "--json", "--to", a.to_str().unwrap()]);
@@ -273,8 +286,8 @@ fn two_fetches_of_one_model_on_one_node_download_once() {
     assert!(finish(second, "second fetch", FETCH_TIMEOUT)
         .status
         .success());
-    assert_same_tree(&src, &a);
-    assert_same_tree(&src, &b);
+    assert_same_tree(src, &a);
+    assert_same_tree(src, &b);
     let total = size + 700;
     let received = target.counter("mesh_bytes_received_total");
     assert_eq!(
@@ -305,14 +318,9 @@ fn hosts_that_cannot_reach_the_seed_get_its_blocks_through_one_that_can() {
             .expect("ip runs");
         assert!(status.success(), "blackhole route on host {host}");
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let size = 16 << 20;
-    make_model(&src, size);
-    add(&tmp.path().join("h1"), KEY, &src, "demo");
-    let seed = node(&lab, tmp.path(), 1, &[]);
-    let peers: Vec<NodeProc> = (2..=4).map(|i| node(&lab, tmp.path(), i, &[])).collect();
-    std::thread::sleep(Duration::from_secs(3));
+    let fleet = fleet(&lab, size);
+    let (seed, peers, src) = (&fleet.seed, &fleet.peers, &fleet.src);
     // Host 4 starts first, so the others can learn the model's manifest from it.
     let bridge = &peers[2];
     let args = fetch_args(&bridge.home.join("out"));
@@ -328,8 +336,8 @@ fn hosts_that_cannot_reach_the_seed_get_its_blocks_through_one_that_can() {
         let run = finish(child, &format!("mesh fetch on host {host}"), FETCH_TIMEOUT);
         assert!(run.status.success(), "fetch on host {host} failed");
     }
-    for p in &peers {
-        assert_same_tree(&src, &p.home.join("out"));
+    for p in peers {
+        assert_same_tree(src, &p.home.join("out"));
     }
     let total = size + 700;
     let seed_sent = seed.counter("mesh_bytes_sent_total");
