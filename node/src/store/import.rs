@@ -149,6 +149,7 @@ pub(super) fn add_file(store: &Store, path: &Path) -> Result<(Hash, u64), StoreE
                 mtime: mtime_of(&before),
             };
             db::put_blob(&store.inner.db, hash, &record)?;
+            store.blob_appeared();
         }
     }
     let _ = fs::remove_file(&tmp);

@@ -173,6 +173,9 @@ struct Inner {
     /// Partial blobs being written, so concurrent fetches of one blob share one writer.
     /// A std mutex: it is held only for map lookups, never across I/O or `.await`.
     partials: Mutex<HashMap<Hash, Weak<PartialBlob>>>,
+    /// Bumped when a blob appears (a download starts, or a file is added or imported), for
+    /// subscribers waiting on a blob we don't have yet.
+    blobs_appeared: tokio::sync::watch::Sender<()>,
 }
 
 impl Store {
@@ -201,6 +204,7 @@ impl Store {
                 db,
                 hub_partials: Default::default(),
                 partials: Mutex::default(),
+                blobs_appeared: tokio::sync::watch::channel(()).0,
             }),
         })
     }
@@ -439,7 +443,17 @@ impl Store {
             mtime: mtime_of(&meta),
         };
         db::put_blob(&self.inner.db, hash, &record)?;
+        self.blob_appeared();
         Ok((hash, size))
+    }
+
+    /// A receiver that wakes when a blob appears in the store (see [`Store::have`]).
+    pub fn watch_new_blobs(&self) -> tokio::sync::watch::Receiver<()> {
+        self.inner.blobs_appeared.subscribe()
+    }
+
+    fn blob_appeared(&self) {
+        self.inner.blobs_appeared.send_replace(());
     }
 
     /// Drops a complete blob whose bytes no longer match (changed on disk or failed
@@ -462,6 +476,7 @@ impl Store {
         };
         let partial = Arc::new(PartialBlob::open(self.clone(), hash, size, have)?);
         partials.insert(hash, Arc::downgrade(&partial));
+        self.blob_appeared();
         Ok(partial)
     }
 

@@ -191,7 +191,8 @@ impl Provider {
     }
 
     /// Streams what we hold of a blob, then each addition, until we hold it all or the
-    /// subscriber stops reading.
+    /// subscriber stops reading. A blob we have none of yet is waited for, so a peer that
+    /// starts the same download a moment after the subscriber is seen the moment it starts.
     async fn subscribe(
         &self,
         hash: mesh_proto::Hash,
@@ -200,16 +201,24 @@ impl Provider {
         let mut sent = ChunkRanges::empty();
         let mut sent_pending = ChunkRanges::empty();
         let mut first = true;
+        let mut appeared = self.store.watch_new_blobs();
         loop {
             let store = self.store.clone();
+            let held = blocking(move || store.have(hash)).await;
             let Ok(Some(BlobHave {
                 size,
                 have,
                 pending,
                 changes,
                 node,
-            })) = blocking(move || store.have(hash)).await
+            })) = held
             else {
+                if first && matches!(held, Ok(None)) {
+                    tokio::select! {
+                        _ = appeared.changed() => continue,
+                        _ = send.stopped() => return Ok(()),
+                    }
+                }
                 if first {
                     write_frame(&mut send, &Response::Error(ErrorCode::NotFound)).await?;
                 }
