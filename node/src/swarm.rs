@@ -138,6 +138,19 @@ pub async fn download(
     };
     let result = scheduler.run(rx, conns).await;
     scheduler.cancel_all();
+    for (addr, state) in &scheduler.peers {
+        let stats = state.conn.stats();
+        debug!(
+            %addr,
+            rx_bytes = stats.udp_rx.bytes,
+            rx_datagrams = stats.udp_rx.datagrams,
+            tx_datagrams = stats.udp_tx.datagrams,
+            ack_frames_tx = stats.frame_tx.acks,
+            max_data_frames_tx = stats.frame_tx.max_data,
+            rtt_ms = stats.path.rtt.as_secs_f64() * 1e3,
+            "connection totals"
+        );
+    }
     result
 }
 

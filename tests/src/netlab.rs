@@ -111,6 +111,17 @@ impl NetLab {
         self.hosts
     }
 
+    /// What host `i`'s shaped links carried so far: `(uplink, downlink)`, as counted by their
+    /// `tbf` qdiscs (bytes on the wire including Ethernet headers, and packets dropped).
+    pub fn link_counters(&self, i: usize) -> Result<(LinkCounters, LinkCounters)> {
+        let up = qdisc_counters(&self.ns(i), "eth0")?;
+        let down = qdisc_counters(
+            &format!("{}-sw", self.prefix),
+            &format!("{}p{i}", self.prefix),
+        )?;
+        Ok((up, down))
+    }
+
     /// A command run inside host `i`.
     pub fn cmd(&self, i: usize, program: &str) -> Command {
         let mut cmd = Command::new("ip");
@@ -141,6 +152,51 @@ impl Drop for NetLab {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Bytes sent and packets dropped by one qdisc.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinkCounters {
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Packets (or GSO batches) dropped.
+    pub dropped: u64,
+}
+
+impl std::ops::Sub for LinkCounters {
+    type Output = Self;
+
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            bytes: self.bytes - earlier.bytes,
+            dropped: self.dropped - earlier.dropped,
+        }
+    }
+}
+
+/// Parses `tc -s qdisc show dev DEV` in namespace `ns`: "Sent B bytes P pkt (dropped D, ...".
+fn qdisc_counters(ns: &str, dev: &str) -> Result<LinkCounters> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev])
+        .output()
+        .context("running tc")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let after = |word: &str| -> Result<u64> {
+        let at = words
+            .iter()
+            .position(|w| *w == word)
+            .with_context(|| format!("no '{word}' in tc output for {dev}: {text}"))?;
+        let value = words.get(at + 1).context("tc output ends early")?;
+        value
+            .trim_end_matches(',')
+            .parse()
+            .with_context(|| format!("tc counter '{value}'"))
+    };
+    Ok(LinkCounters {
+        bytes: after("Sent")?,
+        dropped: after("(dropped")?,
+    })
 }
 
 fn run(args: &[&str]) -> Result<()> {

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mesh_bench::*;
 use mesh_tests::{
-    netlab::{self, rate_bits, NetLab},
+    netlab::{self, rate_bits, LinkCounters, NetLab},
     util::{mesh_bin, NodeProc},
 };
 
@@ -40,6 +40,12 @@ struct Opt {
     /// Path to shared/lab (default: ../shared/lab beside the repo).
     #[arg(long)]
     lab: Option<PathBuf>,
+    /// `RUST_LOG` for the mesh nodes, e.g. `mesh_node::swarm=debug`.
+    #[arg(long)]
+    log: Option<String>,
+    /// Copy each mesh node's log to `DIR/h{i}.log` (the seed is h1).
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
 }
 
 const KEY: &str = "bench-swarm-key";
@@ -99,23 +105,22 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
     if !add.status.success() {
         bail!("mesh add: {}", String::from_utf8_lossy(&add.stderr));
     }
-    let mut nodes = vec![NodeProc::start_in(
-        &seed_home,
-        Some(KEY),
-        Some(&lab.ns(1)),
-        &lab.addr(1),
-        &[],
-    )?];
-    for i in 2..=opt.peers + 1 {
-        nodes.push(NodeProc::start_in(
+    let env: Vec<(&str, &str)> = opt.log.iter().map(|l| ("RUST_LOG", l.as_str())).collect();
+    let mut nodes = Vec::new();
+    for i in 1..=opt.peers + 1 {
+        nodes.push(NodeProc::start_env(
             &dir.join(format!("h{i}")),
             Some(KEY),
             Some(&lab.ns(i)),
             &lab.addr(i),
             &[],
+            &env,
         )?);
     }
     std::thread::sleep(Duration::from_secs(3)); // mDNS settles, as in a running lab
+    let links0 = (1..=lab.hosts())
+        .map(|i| lab.link_counters(i))
+        .collect::<Result<Vec<_>>>()?;
     let cpu0: f64 = nodes
         .iter()
         .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
@@ -143,6 +148,12 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
         }
     }
     let secs = last;
+    let links: Vec<(LinkCounters, LinkCounters)> = (1..=lab.hosts())
+        .map(|i| {
+            let (up, down) = lab.link_counters(i)?;
+            Ok((up - links0[i - 1].0, down - links0[i - 1].1))
+        })
+        .collect::<Result<_>>()?;
     let cpu: f64 = nodes
         .iter()
         .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
@@ -176,6 +187,30 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
         from_seed as f64 / size as f64,
         relayed as f64 / size as f64,
         dup as f64 / size as f64
+    );
+    if let Some(keep) = &opt.keep_logs {
+        std::fs::create_dir_all(keep)?;
+        for (i, n) in nodes.iter().enumerate() {
+            std::fs::copy(
+                n.home.join("node.log"),
+                keep.join(format!("h{}.log", i + 1)),
+            )?;
+        }
+    }
+    let downs: Vec<f64> = links[1..]
+        .iter()
+        .map(|(_, down)| down.bytes as f64 / size as f64)
+        .collect();
+    let drops: u64 = links
+        .iter()
+        .map(|(up, down)| up.dropped + down.dropped)
+        .sum();
+    eprintln!(
+        "mesh on the wire: seed uplink {:.3}x the file; peers' downlinks {:.3}-{:.3}x; \
+         {drops} packets dropped by the links' queues",
+        links[0].0.bytes as f64 / size as f64,
+        downs.iter().copied().fold(f64::INFINITY, f64::min),
+        downs.iter().copied().fold(0.0, f64::max),
     );
     drop(nodes);
     drop(lab);
