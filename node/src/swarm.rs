@@ -2,25 +2,32 @@
 //!
 //! Files are requested in 256 KiB blocks (aligned to 16 KiB chunk groups; files over 8 GiB get
 //! bigger blocks so that none has more than [`MAX_BLOCKS`]). Every peer streams
-//! what it holds of each file ([`Request::Subscribe`]) as it verifies it, chunk group by chunk
-//! group, with what it is fetching right now, so the scheduler always knows who has what. It
-//! keeps about [`PIPELINE_SECS`] of each peer's measured rate requested ahead, choosing:
-//! - **rarest first**: among the missing blocks a peer holds, the one the fewest peers hold,
-//!   ties broken by a per-fetch random key so different nodes spread over different blocks;
-//! - **a seed sends each block once**: a seed is asked only for blocks no other peer holds or
-//!   is fetching, and the downloaders split those by rendezvous hash over their download ids
-//!   (a node takes its own share first, then the blocks it stands in for, so a slow owner
-//!   holds nothing up; see [`FileState::resplit`]);
-//! - **endgame**: once nothing is left unassigned, an idle peer duplicates an in-flight block
-//!   (at most two requests per block); the first to finish wins and the other is cancelled;
-//! - **slow peers**: a block in flight for [`SLOW_BLOCK`] may be duplicated at any time;
-//! - **bad peers**: one whose bytes fail verification is banned for the rest of the fetch; one
-//!   whose connection dies loses only its in-flight blocks, which go back to the pool.
+//! what it holds of each file ([`Request::Subscribe`]) as it verifies it, with the blocks it is
+//! fetching right now from a peer that holds them (its *pending* blocks), so the scheduler
+//! always knows who has what. Of each peer it asks, in this order ([`Ask`]):
+//! - **blocks it holds**, rarest first (ties broken by a per-fetch random key so different
+//!   nodes spread over different blocks), keeping about [`PIPELINE_SECS`] of the peer's
+//!   measured rate requested ahead;
+//! - when it holds none we lack, **blocks it is fetching** (live): it passes each 16 KiB chunk
+//!   group on as soon as it has verified it, so a block crosses the swarm about as fast as it
+//!   leaves the seed, instead of waiting to be whole at every hop (see
+//!   `store::PartialBlob::await_verified`);
+//! - **duplicates** of blocks in flight elsewhere: in the endgame (nothing left unassigned,
+//!   at most two requests per block, the first to finish wins) and for blocks in flight for
+//!   [`SLOW_BLOCK`].
 //!
-//! Blocks are smaller than the 1 MiB pieces of the design because at the start of a swarm
-//! every peer waits for its first block from the seed before it can pass anything on, and at
-//! the end the last blocks must still travel from peer to peer: both cost a few block
-//! transfer times (ARCHITECTURE.md has the measurements).
+//! **A seed sends each block once**: a seed is asked only for blocks no other peer holds or is
+//! fetching, and the downloaders split those by rendezvous hash over their download ids. A
+//! node takes its own share first, then the other owners' blocks, nearest stand-in first, but
+//! leaves each owner its last block, so the seed stays busy to the end, nobody waits on a slow
+//! owner, and two nodes don't ask the seed for the same block (see [`FileState::resplit`]).
+//!
+//! **Bad peers**: one whose bytes fail verification is banned for the rest of the fetch; one
+//! whose connection dies loses only its in-flight blocks, which go back to the pool.
+//!
+//! Blocks are smaller than the 1 MiB pieces of the design because blocks held whole are still
+//! store-and-forward: every hop waits for the whole block (ARCHITECTURE.md has the
+//! measurements).
 //!
 //! The scheduler is an actor: a single task owns all state and reacts to events from the
 //! subscription and request tasks it spawns, so no lock is needed.
@@ -64,12 +71,11 @@ const MAX_BLOCKS: u64 = 32 << 10;
 const MIN_REQUESTS_PER_PEER: usize = 2;
 /// Requests in flight to a seed while other peers can serve too.
 const SEED_DEPTH: usize = 1;
-/// How many downloaders besides its owner may ask a seed for a block (see
-/// [`FileState::resplit`]).
-const SEED_STAND_INS: u16 = 1;
-/// When the blocks only seeds hold stop getting fewer for this long (their owners and
-/// stand-ins may not reach the seed), anyone may ask a seed for them.
+/// When the blocks only seeds hold stop getting fewer for this long (their owners may not
+/// reach the seed), anyone may ask a seed for an owner's last block too.
 const STAND_IN_WAIT: Duration = Duration::from_secs(2);
+/// The most live requests (for blocks it is fetching itself) in flight to one peer.
+const MAX_LIVE_PER_PEER: usize = 4;
 /// The most block requests in flight to one peer.
 const MAX_REQUESTS_PER_PEER: usize = 64;
 /// Seconds of a peer's measured rate to keep requested ahead. More only queues blocks at a
@@ -165,6 +171,8 @@ struct FileState {
     split: Vec<u64>,
     /// Per block: the order in which we ask a seed for it (see [`FileState::resplit`]).
     seed_order: Vec<(u16, u64)>,
+    /// Per block: the download id that owns it in the split.
+    owner: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -182,12 +190,33 @@ struct Block {
 /// which we ask a seed for it or a random key.
 type BlockScore = (u16, (u16, u64));
 
+/// What kind of block to ask a peer for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ask {
+    /// One it holds whole.
+    Held,
+    /// One it is fetching itself from a peer that holds it: it passes the block on as it
+    /// arrives, so such requests follow its own download and are not pipelined.
+    Live,
+    /// One already in flight from another peer (endgame, or a slow peer).
+    Duplicate,
+}
+
+/// One request for a block.
+#[derive(Debug)]
+struct BlockRequest {
+    peer: SocketAddr,
+    cancel: Arc<AtomicBool>,
+    /// Asked of a peer that is itself fetching the block (see [`Scheduler::choose`]).
+    live: bool,
+}
+
 #[derive(Debug)]
 enum BlockState {
     Missing,
     InFlight {
         since: Instant,
-        requests: Vec<(SocketAddr, Arc<AtomicBool>)>,
+        requests: Vec<BlockRequest>,
     },
     Have,
 }
@@ -217,6 +246,7 @@ impl FileState {
             layout,
             split: Vec::new(),
             seed_order: vec![(0, 0); blocks.len()],
+            owner: vec![0; blocks.len()],
             job,
             blocks,
             missing,
@@ -230,15 +260,15 @@ impl FileState {
     /// Each block goes to the id with the highest rendezvous weight for it; the next highest is
     /// its first stand-in, and so on. We take blocks from a seed by our rank for them (our own
     /// first), and within a rank by the owner's weight: the owner goes from the heaviest down,
-    /// stand-ins from the lightest up. So nobody waits on a slow owner, and two nodes ask a seed
-    /// for the same block only where an owner and its stand-in meet.
+    /// stand-ins from the lightest up, and a stand-in leaves an owner its last block. So nobody
+    /// waits on a slow owner, and two nodes rarely ask a seed for the same block.
     fn resplit(&mut self, ids: Vec<u64>) {
         if ids == self.split {
             return;
         }
         let me = self.job.partial.node();
-        for (b, order) in self.seed_order.iter_mut().enumerate() {
-            *order = seed_order(me, &ids, b);
+        for b in 0..self.blocks.len() {
+            (self.seed_order[b], self.owner[b]) = seed_order(me, &ids, b);
         }
         self.split = ids;
     }
@@ -268,6 +298,9 @@ struct PeerState {
     /// something), else 0.
     node: Vec<u64>,
     in_flight: usize,
+    /// Requests in flight for blocks it is fetching itself (they arrive as fast as it gets
+    /// them, so they don't count against `depth`).
+    live: usize,
     /// Requests it may have in flight, from its measured rate.
     depth: usize,
     /// Its received-bytes counter at the last tick, and the smoothed rate (bytes/s).
@@ -298,6 +331,8 @@ enum Event {
         peer: SocketAddr,
         file: usize,
         block: usize,
+        /// Whether it was a live request (see [`Scheduler::choose`]).
+        live: bool,
         result: Result<ChunkRanges, GetError>,
     },
 }
@@ -418,8 +453,9 @@ impl Scheduler {
                 peer,
                 file,
                 block,
+                live,
                 result,
-            } => self.on_done(peer, file, block, result)?,
+            } => self.on_done(peer, file, block, live, result)?,
         }
         Ok(())
     }
@@ -429,11 +465,17 @@ impl Scheduler {
         peer: SocketAddr,
         file: usize,
         block: usize,
+        live: bool,
         result: Result<ChunkRanges, GetError>,
     ) -> Result<(), DownloadError> {
         if let Some(state) = self.peers.get_mut(&peer) {
-            state.in_flight -= 1;
+            if live {
+                state.live -= 1;
+            } else {
+                state.in_flight -= 1;
+            }
         }
+        debug!(%peer, file, block, ok = result.is_ok(), "done");
         match result {
             Ok(sent) => {
                 if !sent.is_empty() {
@@ -441,6 +483,18 @@ impl Scheduler {
                 }
             }
             Err(GetError::Store(e)) => return Err(e.into()),
+            // A peer passing on what it fetches lost its own source: no fault of its, but don't
+            // ask it again for this block until its next frame says it is still fetching it.
+            Err(e @ GetError::Unavailable { .. }) => {
+                debug!("{e}");
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    let range = self.files[file].layout.range(block);
+                    state.pending[file] = state.pending[file].clone() - range;
+                    if std::mem::take(&mut state.pending_block[file][block]) {
+                        self.files[file].blocks[block].pending -= 1;
+                    }
+                }
+            }
             Err(e) => {
                 warn!("{e}");
                 // Keep the most telling error for the final report: bad data beats a refusal.
@@ -477,10 +531,10 @@ impl Scheduler {
         let f = &mut self.files[file];
         let p = &mut f.blocks[block];
         if let BlockState::InFlight { requests, .. } = &mut p.state {
-            requests.retain(|(who, _)| *who != peer);
+            requests.retain(|r| r.peer != peer);
             if complete {
-                for (_, cancel) in requests.iter() {
-                    cancel.store(true, Ordering::Relaxed);
+                for r in requests.iter() {
+                    r.cancel.store(true, Ordering::Relaxed);
                 }
                 p.state = BlockState::Have;
                 f.missing -= 1;
@@ -492,13 +546,18 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Tells our own subscribers which blocks of `file` we are fetching now.
+    /// Tells our own subscribers which blocks of `file` we are fetching now from a peer that
+    /// holds them: those we can pass on as they arrive. Blocks we are being passed live are left
+    /// out, so a live relay never waits on another live relay (and two nodes never on each
+    /// other).
     fn publish_pending(&self, file: usize) {
         let f = &self.files[file];
         let mut pending = ChunkRanges::empty();
         for (p, block) in f.blocks.iter().enumerate() {
-            if matches!(block.state, BlockState::InFlight { .. }) {
-                pending |= f.layout.range(p);
+            if let BlockState::InFlight { requests, .. } = &block.state {
+                if requests.iter().any(|r| !r.live) {
+                    pending |= f.layout.range(p);
+                }
             }
         }
         f.job.partial.set_pending(pending);
@@ -575,6 +634,7 @@ impl Scheduler {
                     .collect(),
                 node: vec![0; self.files.len()],
                 in_flight: 0,
+                live: 0,
                 depth: MIN_REQUESTS_PER_PEER,
                 last_received: self
                     .peer_set
@@ -656,7 +716,7 @@ impl Scheduler {
             self.seed_only_stuck_since.get_or_insert(now);
         }
         self.seed_only = seed_only;
-        let in_flight: usize = self.peers.values().map(|p| p.in_flight).sum();
+        let in_flight: usize = self.peers.values().map(|p| p.in_flight + p.live).sum();
         let offered = self.files.iter().any(|f| {
             f.blocks
                 .iter()
@@ -715,28 +775,41 @@ impl Scheduler {
         let addrs: Vec<SocketAddr> = self.peers.keys().copied().collect();
         let others = self.peers.len() > usize::from(self.seeds());
         for addr in addrs {
-            loop {
-                let state = &self.peers[&addr];
-                // A seed shared with other peers gets one request at a time from us: its blocks
-                // then arrive (and can be passed on) as early as possible, instead of all of
-                // them crawling in together.
-                let depth = if others && state.is_seed() {
-                    SEED_DEPTH
-                } else {
-                    state.depth
-                };
-                if state.banned || state.in_flight >= depth {
+            // Blocks it holds first; only when it has none we lack, blocks it is fetching
+            // (live), and only then duplicates.
+            for ask in [Ask::Held, Ask::Live, Ask::Duplicate] {
+                let mut found_none = false;
+                loop {
+                    let state = &self.peers[&addr];
+                    // A seed shared with other peers gets few requests at a time from us: its
+                    // blocks then arrive (and can be passed on) as early as possible, instead of
+                    // all of them crawling in together.
+                    let (busy, depth) = match (ask, others && state.is_seed()) {
+                        (Ask::Live, _) => (state.live, MAX_LIVE_PER_PEER),
+                        (_, true) => (state.in_flight, SEED_DEPTH),
+                        (_, false) => (state.in_flight, state.depth),
+                    };
+                    if state.banned || busy >= depth {
+                        break;
+                    }
+                    let Some((file, block)) = self.choose(addr, endgame, ask) else {
+                        found_none = true;
+                        break;
+                    };
+                    self.start(addr, file, block, ask == Ask::Live);
+                }
+                if !found_none {
                     break;
                 }
-                let Some((file, block)) = self.choose(addr, endgame) else {
-                    break;
-                };
-                self.start(addr, file, block);
             }
         }
     }
 
-    fn choose(&self, addr: SocketAddr, endgame: bool) -> Option<(usize, usize)> {
+    /// The next block to ask peer `addr` for, of the kind `ask`.
+    fn choose(&self, addr: SocketAddr, endgame: bool, ask: Ask) -> Option<(usize, usize)> {
+        if ask == Ask::Duplicate {
+            return self.choose_duplicate(addr, endgame);
+        }
         let state = &self.peers[&addr];
         // A seed's upload is the swarm's scarcest resource: ask seeds only for blocks that no
         // other peer holds or is fetching, and let peers spread the rest among themselves.
@@ -751,10 +824,27 @@ impl Scheduler {
             if file.missing == 0 {
                 continue;
             }
+            // Per owner: the blocks only seeds hold that nobody fetches yet.
+            let mut left: HashMap<u64, usize> = HashMap::new();
+            if spare_seed && !any_rank {
+                for (p, block) in file.blocks.iter().enumerate() {
+                    if matches!(block.state, BlockState::Missing) && others(block) == 0 {
+                        *left.entry(file.owner[p]).or_default() += 1;
+                    }
+                }
+            }
             for (p, block) in file.blocks.iter().enumerate() {
-                if matches!(block.state, BlockState::Missing) && state.has_block[f][p] {
-                    let stand_in_too_far = file.seed_order[p].0 > SEED_STAND_INS && !any_rank;
-                    if spare_seed && (others(block) > 0 || stand_in_too_far) {
+                let offers = match ask {
+                    Ask::Live => state.pending_block[f][p] && !state.has_block[f][p],
+                    _ => state.has_block[f][p],
+                };
+                if matches!(block.state, BlockState::Missing) && offers {
+                    let rank = file.seed_order[p].0;
+                    // The owner takes its last block itself: a stand-in taking it too would
+                    // make the seed send it twice.
+                    let owners_last =
+                        rank > 0 && !any_rank && left.get(&file.owner[p]).is_none_or(|&n| n <= 1);
+                    if spare_seed && (others(block) > 0 || owners_last) {
                         continue;
                     }
                     // A block another peer is already fetching counts as one more source.
@@ -770,10 +860,15 @@ impl Scheduler {
                 }
             }
         }
-        if let Some((_, f, p)) = best {
-            return Some((f, p));
-        }
-        // Endgame and slow blocks: duplicate the oldest in-flight block this peer could serve.
+        best.map(|(_, f, p)| (f, p))
+    }
+
+    /// Endgame and slow blocks: the oldest in-flight block peer `addr` could serve too.
+    fn choose_duplicate(&self, addr: SocketAddr, endgame: bool) -> Option<(usize, usize)> {
+        let state = &self.peers[&addr];
+        let seeds = self.seeds();
+        let others = |block: &Block| block.avail.saturating_sub(seeds) + block.pending;
+        let spare_seed = state.is_seed() && self.peers.len() > usize::from(seeds);
         let mut oldest: Option<(Instant, usize, usize)> = None;
         for (f, file) in self.files.iter().enumerate() {
             for (p, block) in file.blocks.iter().enumerate() {
@@ -783,7 +878,7 @@ impl Scheduler {
                 let eligible = state.has_block[f][p]
                     && !(spare_seed && others(block) > 0 && since.elapsed() < SLOW_BLOCK)
                     && requests.len() < 2
-                    && requests.iter().all(|(who, _)| *who != addr)
+                    && requests.iter().all(|r| r.peer != addr)
                     && (endgame || since.elapsed() >= SLOW_BLOCK);
                 if eligible && oldest.as_ref().is_none_or(|(t, _, _)| since < t) {
                     oldest = Some((*since, f, p));
@@ -793,7 +888,7 @@ impl Scheduler {
         oldest.map(|(_, f, p)| (f, p))
     }
 
-    fn start(&mut self, addr: SocketAddr, file: usize, block: usize) {
+    fn start(&mut self, addr: SocketAddr, file: usize, block: usize, live: bool) {
         let job = &self.files[file].job;
         let wanted = self.files[file].layout.range(block) & job.partial.missing();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -807,16 +902,37 @@ impl Scheduler {
             return;
         }
         match &mut f.blocks[block].state {
-            BlockState::InFlight { requests, .. } => requests.push((addr, cancel.clone())),
+            BlockState::InFlight { requests, .. } => requests.push(BlockRequest {
+                peer: addr,
+                cancel: cancel.clone(),
+                live,
+            }),
             state => {
                 *state = BlockState::InFlight {
                     since: Instant::now(),
-                    requests: vec![(addr, cancel.clone())],
+                    requests: vec![BlockRequest {
+                        peer: addr,
+                        cancel: cancel.clone(),
+                        live,
+                    }],
                 }
             }
         }
         let peer = self.peers.get_mut(&addr).expect("scheduling a known peer");
-        peer.in_flight += 1;
+        if live {
+            peer.live += 1;
+        } else {
+            peer.in_flight += 1;
+        }
+        debug!(
+            %addr,
+            file,
+            block,
+            live,
+            seed = peer.is_seed(),
+            in_flight = peer.in_flight,
+            "request"
+        );
         let conn = peer.conn.clone();
         let partial = f.job.partial.clone();
         let hooks = GetHooks {
@@ -833,6 +949,7 @@ impl Scheduler {
                 peer: addr,
                 file,
                 block,
+                live,
                 result,
             });
         });
@@ -843,8 +960,8 @@ impl Scheduler {
             file.job.partial.set_pending(ChunkRanges::empty());
             for block in &file.blocks {
                 if let BlockState::InFlight { requests, .. } = &block.state {
-                    for (_, cancel) in requests {
-                        cancel.store(true, Ordering::Relaxed);
+                    for r in requests {
+                        r.cancel.store(true, Ordering::Relaxed);
                     }
                 }
             }
@@ -912,17 +1029,21 @@ async fn subscribe_task(
 /// Where block `block` comes in our requests to a seed when the downloaders `ids` (ours, `me`,
 /// included) split the seed's blocks: our rank among them (0: we own it), then the owner's
 /// weight, heaviest first for the owner and lightest first for stand-ins. Lower goes first.
-fn seed_order(me: u64, ids: &[u64], block: usize) -> (u16, u64) {
+/// Also returns the owner's id.
+fn seed_order(me: u64, ids: &[u64], block: usize) -> ((u16, u64), u64) {
     let mine = rendezvous(me, block);
-    let (mut rank, mut top) = (0u16, mine);
+    let (mut rank, mut top, mut owner) = (0u16, mine, me);
     for &id in ids.iter().filter(|&&id| id != me) {
         let weight = rendezvous(id, block);
         if weight > mine {
             rank = rank.saturating_add(1);
         }
-        top = top.max(weight);
+        if weight > top {
+            (top, owner) = (weight, id);
+        }
     }
-    (rank, if rank == 0 { u64::MAX - top } else { top })
+    let key = if rank == 0 { u64::MAX - top } else { top };
+    ((rank, key), owner)
 }
 
 /// The weight of node id `node` for piece or block `index` in a rendezvous split: the highest
@@ -1028,8 +1149,14 @@ mod tests {
         let ids = [11u64, 22, 33, 44, 55];
         let mut owned = [0usize; 5];
         for block in 0..1000 {
-            let orders: Vec<(u16, u64)> =
-                ids.iter().map(|&me| seed_order(me, &ids, block)).collect();
+            let orders: Vec<(u16, u64)> = ids
+                .iter()
+                .map(|&me| seed_order(me, &ids, block).0)
+                .collect();
+            let owners: Vec<u64> = ids
+                .iter()
+                .map(|&me| seed_order(me, &ids, block).1)
+                .collect();
             let ranks: Vec<u16> = orders.iter().map(|o| o.0).collect();
             for rank in 0..5u16 {
                 assert_eq!(
@@ -1040,6 +1167,8 @@ mod tests {
             }
             let owner = ranks.iter().position(|&r| r == 0).unwrap();
             owned[owner] += 1;
+            // Every node names the same owner.
+            assert!(owners.iter().all(|&o| o == ids[owner]), "block {block}");
             // Owner and first stand-in walk the owner's blocks from opposite ends.
             let stand_in = ranks.iter().position(|&r| r == 1).unwrap();
             assert_eq!(orders[owner].1, u64::MAX - orders[stand_in].1);
@@ -1047,8 +1176,8 @@ mod tests {
         // Rendezvous spreads the blocks: each of 5 nodes owns about 200 of 1000.
         assert!(owned.iter().all(|&n| (140..260).contains(&n)), "{owned:?}");
         // Alone, a node owns everything, in an order of its own.
-        let alone: Vec<u64> = (0..8).map(|b| seed_order(11, &[11], b).1).collect();
-        let other: Vec<u64> = (0..8).map(|b| seed_order(22, &[22], b).1).collect();
+        let alone: Vec<u64> = (0..8).map(|b| seed_order(11, &[11], b).0 .1).collect();
+        let other: Vec<u64> = (0..8).map(|b| seed_order(22, &[22], b).0 .1).collect();
         assert_ne!(alone, other);
     }
 }

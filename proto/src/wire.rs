@@ -56,6 +56,9 @@ pub const CLOSE_SHUTDOWN: u32 = 3;
 pub const RESET_SOURCE_CORRUPT: u32 = 16;
 /// Stream reset code: the provider hit a local I/O error.
 pub const RESET_IO: u32 = 17;
+/// Stream reset code: chunks the provider promised while it was fetching them did not arrive
+/// (its own fetch failed or stalled).
+pub const RESET_UNAVAILABLE: u32 = 18;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +145,7 @@ pub enum Request {
     Get {
         /// The blob.
         hash: Hash,
-        /// The chunks wanted; the provider sends those it holds.
+        /// The chunks wanted; the provider sends those it holds or is fetching.
         ranges: ChunkSpans,
     },
     /// Which chunks of a blob the provider holds.
@@ -210,7 +213,9 @@ pub enum ErrorCode {
 pub enum Response {
     /// The request was refused.
     Error(ErrorCode),
-    /// The provider will now send these ranges (the requested ones it holds), bao-encoded.
+    /// The provider will now send these ranges (the requested ones it holds or is fetching),
+    /// bao-encoded. Chunks it is still fetching follow as it verifies them; if its own fetch
+    /// fails it resets the stream with [`RESET_UNAVAILABLE`] after what it could send.
     Get {
         /// Blob size in bytes, as the provider knows it.
         size: u64,
@@ -224,7 +229,8 @@ pub enum Response {
         /// The chunks held (for a subscription after the first frame: the chunks added).
         ranges: ChunkSpans,
         /// The chunks the provider is fetching right now, in full (each frame replaces the
-        /// last). Peers avoid asking a seed for pieces another peer is already bringing in.
+        /// last). Peers avoid asking a seed for pieces another peer is already bringing in, and
+        /// may ask the provider for them: it passes them on as they arrive.
         pending: ChunkSpans,
         /// The provider's random id for its download of this blob (0 if it is not downloading
         /// it). Downloaders split the pieces only seeds hold by rendezvous hash over these ids,

@@ -33,7 +33,7 @@ use positioned_io::RandomAccessFile;
 use serde::{Deserialize, Serialize};
 
 pub use self::import::AddProgress;
-pub use self::partial::PartialBlob;
+pub use self::partial::{PartialBlob, Verified};
 use crate::ranges;
 
 /// The chunk group size of every outboard: 16 KiB.
@@ -140,7 +140,7 @@ pub struct BlobHave {
     /// Chunks being fetched right now.
     pub pending: ChunkRanges,
     /// For a download in progress: wakes when more chunks are verified.
-    pub changes: Option<tokio::sync::watch::Receiver<()>>,
+    pub changes: Option<tokio::sync::watch::Receiver<u64>>,
     /// For a download in progress: its random id ([`PartialBlob::node`]); otherwise 0.
     pub node: u64,
 }
@@ -152,8 +152,41 @@ pub struct BlobReader {
     pub data: RandomAccessFile,
     /// Its outboard.
     pub outboard: PostOrderOutboard<RandomAccessFile>,
-    /// The verified chunks; only these may be encoded.
+    /// The verified chunks: these may be encoded at once.
     pub have: ChunkRanges,
+    /// For a download in progress, the chunks being fetched: these may be promised too, and
+    /// are encoded as they are verified when read through [`BlobReader::verified`].
+    pub pending: ChunkRanges,
+    /// The download in progress.
+    growing: Option<Arc<PartialBlob>>,
+}
+
+impl BlobReader {
+    /// The chunks this reader may be asked to encode.
+    pub fn promised(&self) -> ChunkRanges {
+        self.have.clone() | &self.pending
+    }
+
+    /// Data and outboard for the encoder: reads of pending chunks wait until they are verified,
+    /// and fail if they stop being fetched.
+    pub fn verified(
+        &self,
+    ) -> (
+        Verified<'_, &RandomAccessFile>,
+        Verified<'_, &PostOrderOutboard<RandomAccessFile>>,
+    ) {
+        let growing = self.growing.as_deref();
+        (
+            Verified {
+                inner: &self.data,
+                growing,
+            },
+            Verified {
+                inner: &self.outboard,
+                growing,
+            },
+        )
+    }
 }
 
 /// A handle to the store. Cheap to clone.
@@ -381,6 +414,8 @@ impl Store {
                 data: outboard,
             },
             have: ranges::all_chunks(size),
+            pending: ChunkRanges::empty(),
+            growing: None,
         })
     }
 

@@ -11,12 +11,30 @@
 //! loses at most the bytes received since the last checkpoint ([`CHECKPOINT_BYTES`]). When the
 //! last chunk arrives the files are synced and renamed into `blobs/`, and only then is the
 //! record marked complete.
+//!
+//! # Serving while downloading
+//! Peers may be promised chunks that are still being fetched ([`PartialBlob::pending`]): the
+//! encoder then waits in [`PartialBlob::await_verified`] until each chunk group is verified, so a
+//! block is passed on as it arrives instead of after it is whole. A wait fails when the chunk
+//! stops being pending without arriving (the fetch failed), or nothing arrives for
+//! [`FOLLOW_TIMEOUT`]. The scheduler marks as pending only chunks it fetches from a peer that
+//! holds them, never ones it is itself being passed live, so no two nodes can wait on each
+//! other.
 
-use std::{fs, os::unix::fs::FileExt, sync::Mutex};
+use std::{
+    fs, io,
+    os::unix::fs::FileExt,
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
 
 use bao_tree::{
-    io::{outboard::PostOrderOutboard, sync::OutboardMut, BaoContentItem},
-    BaoTree, ChunkNum, ChunkRanges,
+    io::{
+        outboard::PostOrderOutboard,
+        sync::{Outboard, OutboardMut},
+        BaoContentItem,
+    },
+    BaoTree, ChunkNum, ChunkRanges, TreeNode,
 };
 use mesh_proto::Hash;
 use positioned_io::RandomAccessFile;
@@ -29,6 +47,8 @@ use crate::ranges;
 
 /// Bytes received between two checkpoints of a partial blob.
 pub(crate) const CHECKPOINT_BYTES: u64 = 16 << 20;
+/// How long serving a pending chunk waits for it before giving up (its source stalled).
+pub(crate) const FOLLOW_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A blob being downloaded. Shared (`Arc`) by every task writing to or serving it.
 #[derive(Debug)]
@@ -45,10 +65,13 @@ pub struct PartialBlob {
     outboard: fs::File,
     /// Progress. A std mutex: held for range-set updates, never across I/O.
     state: Mutex<PartialState>,
+    /// Notified whenever `state` changes, for encoders waiting on pending chunks.
+    state_changed: Condvar,
     /// Writers hold it shared while they write; completion takes it exclusively.
     io_gate: std::sync::RwLock<()>,
-    /// Bumped after every verified write, so subscribers can advertise new pieces at once.
-    changed: tokio::sync::watch::Sender<()>,
+    /// Wakes subscribers after every verified write, so they can advertise new pieces at once.
+    /// Its value counts the changes to `pending`, which they pass on sooner.
+    changed: tokio::sync::watch::Sender<u64>,
     /// A random id for this download, which peers use to split the seed's pieces among the
     /// nodes downloading the blob.
     node: u64,
@@ -62,7 +85,8 @@ struct PartialState {
     unsynced: u64,
     /// Set once the blob moved into `blobs/`.
     complete: bool,
-    /// Chunks being fetched right now, advertised so peers don't fetch them from the seed too.
+    /// Chunks being fetched right now from a peer that holds them, advertised so peers don't
+    /// fetch them from the seed too, and promised to peers that ask for them.
     pending: ChunkRanges,
 }
 
@@ -108,8 +132,9 @@ impl PartialBlob {
                 have,
                 ..Default::default()
             }),
+            state_changed: Condvar::new(),
             io_gate: std::sync::RwLock::new(()),
-            changed: tokio::sync::watch::channel(()).0,
+            changed: tokio::sync::watch::channel(0).0,
             node: rand::random::<u64>().max(1),
         })
     }
@@ -153,8 +178,61 @@ impl PartialBlob {
             changed
         };
         if changed {
-            self.changed.send_replace(());
+            self.state_changed.notify_all();
+            self.changed.send_modify(|generation| *generation += 1);
         }
+    }
+
+    /// What may be promised to a peer now: the verified chunks and the pending ones.
+    pub fn promise(&self) -> (ChunkRanges, ChunkRanges) {
+        let state = self.lock();
+        (state.have.clone(), state.pending.clone())
+    }
+
+    /// Blocks until `chunks` are verified (with `any`, until one of them is).
+    ///
+    /// Fails with [`io::ErrorKind::NotFound`] when a chunk it needs is neither verified nor
+    /// pending, and with [`io::ErrorKind::TimedOut`] after [`FOLLOW_TIMEOUT`].
+    pub fn await_verified(&self, chunks: &ChunkRanges, any: bool) -> io::Result<()> {
+        let chunks = chunks & &ranges::all_chunks(self.size);
+        let deadline = Instant::now() + FOLLOW_TIMEOUT;
+        let mut state = self.lock();
+        loop {
+            let missing = chunks.clone() - &state.have;
+            if missing.is_empty() || (any && missing != chunks) || state.complete {
+                return Ok(());
+            }
+            // All of them must still be coming, or (with `any`) one of them.
+            let coming = if any {
+                !(missing & &state.pending).is_empty()
+            } else {
+                (missing - &state.pending).is_empty()
+            };
+            if !coming {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "chunks are no longer being fetched",
+                ));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "pending chunks did not arrive in time",
+                ));
+            }
+            state = self
+                .state_changed
+                .wait_timeout(state, deadline - now)
+                .expect("partial state lock poisoned")
+                .0;
+        }
+    }
+
+    /// Wakes subscribers and encoders waiting on pending chunks.
+    fn notify(&self) {
+        self.state_changed.notify_all();
+        self.changed.send_modify(|_| ());
     }
 
     /// Chunks still missing.
@@ -162,8 +240,9 @@ impl PartialBlob {
         ranges::all_chunks(self.size) - self.have()
     }
 
-    /// A receiver that wakes after every verified write and on completion.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+    /// A receiver that wakes after every verified write, every change to the pending chunks
+    /// (which also bumps its value) and on completion.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
@@ -213,7 +292,7 @@ impl PartialBlob {
                 let due = state.unsynced >= CHECKPOINT_BYTES;
                 drop(state);
                 drop(gate);
-                self.changed.send_replace(());
+                self.notify();
                 if due {
                     self.checkpoint()?;
                 }
@@ -271,27 +350,38 @@ impl PartialBlob {
         };
         db::put_blob(&self.store.inner.db, self.hash, &record)?;
         state.complete = true;
-        self.changed.send_replace(());
+        drop(state);
+        self.notify();
         tracing::debug!(hash = %self.hash.fmt_short(), "blob complete");
         Ok(())
     }
 
-    /// A reader over the verified part, for serving while downloading.
-    pub(super) fn reader(&self) -> Result<BlobReader, StoreError> {
+    /// A reader over the verified part, for serving while downloading; it may also promise the
+    /// pending part (see the module docs).
+    pub(super) fn reader(self: &Arc<Self>) -> Result<BlobReader, StoreError> {
         if self.is_complete() {
             return self.store.open_reader_complete(self.hash);
         }
         let data_path = self.store.partial_path(self.hash, "data");
         let ob_path = self.store.partial_path(self.hash, "obao");
         let reopen = |p: &std::path::Path| RandomAccessFile::open(p).map_err(StoreError::io(p));
+        let (data, outboard) = match (reopen(&data_path), reopen(&ob_path)) {
+            (Ok(data), Ok(outboard)) => (data, outboard),
+            // Completed (and moved into `blobs/`) since we looked.
+            _ if self.is_complete() => return self.store.open_reader_complete(self.hash),
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
+        let (have, pending) = self.promise();
         Ok(BlobReader {
-            data: reopen(&data_path)?,
+            data,
             outboard: PostOrderOutboard {
                 root: self.hash.into(),
                 tree: self.tree(),
-                data: reopen(&ob_path)?,
+                data: outboard,
             },
-            have: self.have(),
+            have,
+            pending,
+            growing: Some(self.clone()),
         })
     }
 
@@ -304,15 +394,61 @@ fn sync(file: &fs::File, path: &std::path::Path) -> Result<(), StoreError> {
     file.sync_data().map_err(StoreError::io(path))
 }
 
+/// A blob's data or outboard as the encoder reads it: for a download in progress, a read of
+/// chunks that are still pending waits until they are verified ([`PartialBlob::await_verified`]).
+#[derive(Debug)]
+pub struct Verified<'a, T> {
+    pub(super) inner: T,
+    pub(super) growing: Option<&'a PartialBlob>,
+}
+
+impl<T> Verified<'_, T> {
+    fn await_chunks(&self, chunks: ChunkRanges, any: bool) -> io::Result<()> {
+        match self.growing {
+            Some(partial) => partial.await_verified(&chunks, any),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<R: positioned_io::ReadAt> positioned_io::ReadAt for Verified<'_, R> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let start = ChunkNum(pos / mesh_proto::CHUNK_BYTES);
+        let end = ChunkNum((pos + buf.len() as u64).div_ceil(mesh_proto::CHUNK_BYTES));
+        self.await_chunks(
+            ChunkRanges::from(start..end.max(ChunkNum(start.0 + 1))),
+            false,
+        )?;
+        self.inner.read_at(pos, buf)
+    }
+}
+
+impl<O: Outboard> Outboard for Verified<'_, O> {
+    fn root(&self) -> blake3::Hash {
+        self.inner.root()
+    }
+
+    fn tree(&self) -> BaoTree {
+        self.inner.tree()
+    }
+
+    fn load(&self, node: TreeNode) -> io::Result<Option<(blake3::Hash, blake3::Hash)>> {
+        // A parent pair is written before the first leaf below it: once any of its chunks is
+        // verified, the pair is on disk.
+        self.await_chunks(ChunkRanges::from(node.chunk_range()), true)?;
+        self.inner.load(node)
+    }
+}
+
 /// Positional writes through a shared `&File` (pwrite needs no `&mut`).
 struct WriteAtFile<'a>(&'a fs::File);
 
 impl positioned_io::WriteAt for WriteAtFile<'_> {
-    fn write_at(&mut self, pos: u64, buf: &[u8]) -> std::io::Result<usize> {
+    fn write_at(&mut self, pos: u64, buf: &[u8]) -> io::Result<usize> {
         self.0.write_at(buf, pos)
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }

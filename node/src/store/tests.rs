@@ -1,5 +1,5 @@
 //! Store unit tests: outboards match bao-tree's, adds serve in place, partial blobs only take
-//! verified bytes and survive reopening.
+//! verified bytes, survive reopening, and pass on pending chunks only as they are verified.
 
 use std::{fs, io::Write};
 
@@ -211,4 +211,80 @@ fn second_open_of_a_store_reports_it_locked() {
         Store::open(home.path()),
         Err(StoreError::Locked(_))
     ));
+}
+
+/// A relay promised chunks it is still fetching encodes each one as it is verified: the
+/// encoder waits for the data, and its output is exactly the source's encoding.
+#[test]
+fn pending_chunks_are_passed_on_as_they_are_verified() {
+    let src_home = tempfile::tempdir().unwrap();
+    let relay_home = tempfile::tempdir().unwrap();
+    let file = src_home.path().join("f.bin");
+    let size = (1 << 20) + 5;
+    fs::write(&file, data_of(size)).unwrap();
+    let src = Store::open(src_home.path()).unwrap();
+    let hash = src.add_path(&file, None, &mut |_| {}).unwrap().files()[0].hash;
+    let encode = |store: &Store, ranges: &ChunkRanges| {
+        let reader = store.open_reader(hash).unwrap();
+        let (data, outboard) = reader.verified();
+        let mut out = Vec::new();
+        encode_ranges_validated(data, outboard, ranges, &mut out).map(|()| out)
+    };
+    let block = ChunkRanges::from(bao_tree::ChunkNum(256)..bao_tree::ChunkNum(768));
+    let (first, second) = (
+        ChunkRanges::from(bao_tree::ChunkNum(256)..bao_tree::ChunkNum(512)),
+        ChunkRanges::from(bao_tree::ChunkNum(512)..bao_tree::ChunkNum(768)),
+    );
+    let relay = Store::open(relay_home.path()).unwrap();
+    let partial = relay.partial(hash, size).unwrap();
+    partial.set_pending(block.clone());
+    let reader = relay.open_reader(hash).unwrap();
+    assert_eq!(reader.promised(), block);
+    let passing_on = std::thread::scope(|scope| {
+        let encoder = scope.spawn(|| encode(&relay, &block));
+        let deliver = |ranges: &ChunkRanges| {
+            let encoded = encode(&src, ranges).unwrap();
+            for item in DecodeResponseIter::new(hash.into(), partial.tree(), &encoded[..], ranges) {
+                partial.write(&item.unwrap()).unwrap();
+            }
+        };
+        deliver(&first);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !encoder.is_finished(),
+            "encoded chunks that were not here yet"
+        );
+        deliver(&second);
+        encoder.join().unwrap()
+    });
+    assert_eq!(passing_on.unwrap(), encode(&src, &block).unwrap());
+}
+
+/// When the fetch a relay promised from fails (the chunks stop being pending), the encoder
+/// gives up at once instead of waiting for data that will not come.
+#[test]
+fn a_failed_fetch_ends_the_relay_with_not_found() {
+    let home = tempfile::tempdir().unwrap();
+    let store = Store::open(home.path()).unwrap();
+    let size = 200_000;
+    let hash = Hash::from(*blake3::hash(&data_of(size)).as_bytes());
+    let partial = store.partial(hash, size).unwrap();
+    let wanted = ChunkRanges::from(bao_tree::ChunkNum(0)..bao_tree::ChunkNum(32));
+    partial.set_pending(wanted.clone());
+    let started = std::time::Instant::now();
+    let result = std::thread::scope(|scope| {
+        let encoder = scope.spawn(|| {
+            let reader = store.open_reader(hash).unwrap();
+            let (data, outboard) = reader.verified();
+            encode_ranges_validated(data, outboard, &wanted, &mut Vec::new())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        partial.set_pending(ChunkRanges::empty());
+        encoder.join().unwrap()
+    });
+    match result {
+        Err(bao_tree::io::EncodeError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert!(started.elapsed() < partial::FOLLOW_TIMEOUT);
 }

@@ -18,7 +18,7 @@ use bao_tree::{
     ChunkRanges,
 };
 use mesh_proto::{
-    wire::{ErrorCode, Request, Response, RESET_SOURCE_CORRUPT},
+    wire::{ErrorCode, Request, Response, RESET_SOURCE_CORRUPT, RESET_UNAVAILABLE},
     Hash,
 };
 use tokio_util::io::SyncIoBridge;
@@ -61,6 +61,15 @@ pub enum GetError {
         hash: Hash,
         /// Its reason.
         code: ErrorCode,
+    },
+    /// The peer was passing on chunks it was fetching itself, and its fetch failed or stalled.
+    /// What it sent before is kept; the rest must come from elsewhere.
+    #[error("peer {peer} could not pass on pending chunks of blob {hash}")]
+    Unavailable {
+        /// The peer.
+        peer: SocketAddr,
+        /// The blob.
+        hash: Hash,
     },
     /// The peer broke the protocol (wrong size, ranges it was not asked for, short stream).
     #[error("peer {peer}: protocol error: {why}")]
@@ -123,11 +132,9 @@ pub async fn get_ranges(
     let _ = send.finish();
     let header = match read_frame(&mut recv).await {
         Ok(header) => header,
-        // A reset can overtake the header frame: the provider found its copy bad at once.
-        Err(StreamError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code))))
-            if code == RESET_SOURCE_CORRUPT.into() =>
-        {
-            return Err(GetError::SourceCorrupt { peer, hash })
+        // A reset can overtake the header frame: the provider failed at once.
+        Err(StreamError::Read(quinn::ReadExactError::ReadError(e))) => {
+            return Err(read_error(e, peer, hash))
         }
         Err(e) => return Err(stream_err(e)),
     };
@@ -226,16 +233,25 @@ fn io_error(io: std::io::Error, peer: SocketAddr, hash: Hash) -> GetError {
         .get_ref()
         .and_then(|e| e.downcast_ref::<quinn::ReadError>());
     match read {
-        Some(quinn::ReadError::Reset(code)) if *code == RESET_SOURCE_CORRUPT.into() => {
-            GetError::SourceCorrupt { peer, hash }
-        }
-        Some(e) => GetError::Stream {
-            peer,
-            source: StreamError::Read(quinn::ReadExactError::ReadError(e.clone())),
-        },
+        Some(e) => read_error(e.clone(), peer, hash),
         None => GetError::Protocol {
             peer,
             why: format!("stream ended early: {io}"),
+        },
+    }
+}
+
+fn read_error(e: quinn::ReadError, peer: SocketAddr, hash: Hash) -> GetError {
+    match e {
+        quinn::ReadError::Reset(code) if code == RESET_SOURCE_CORRUPT.into() => {
+            GetError::SourceCorrupt { peer, hash }
+        }
+        quinn::ReadError::Reset(code) if code == RESET_UNAVAILABLE.into() => {
+            GetError::Unavailable { peer, hash }
+        }
+        e => GetError::Stream {
+            peer,
+            source: StreamError::Read(quinn::ReadExactError::ReadError(e)),
         },
     }
 }

@@ -15,7 +15,9 @@ use bao_tree::{
     io::{sync::encode_ranges_validated, EncodeError},
     ChunkRanges,
 };
-use mesh_proto::wire::{ErrorCode, Request, Response, RESET_IO, RESET_SOURCE_CORRUPT};
+use mesh_proto::wire::{
+    ErrorCode, Request, Response, RESET_IO, RESET_SOURCE_CORRUPT, RESET_UNAVAILABLE,
+};
 use tokio_util::io::SyncIoBridge;
 use tracing::{debug, warn, Instrument};
 
@@ -29,7 +31,14 @@ use crate::{
 };
 
 /// How long a subscription waits after a change before sending, to batch leaf writes.
-const SUBSCRIBE_COALESCE: Duration = Duration::from_millis(20);
+const SUBSCRIBE_COALESCE: Duration = Duration::from_millis(100);
+/// How long a subscription waits after a change to what we fetch: long enough for the
+/// scheduler to finish one step (a block done, the next one started).
+const PENDING_COALESCE: Duration = Duration::from_millis(1);
+
+/// Buffer in front of the stream while passing on chunks as they arrive: smaller than a leaf
+/// (16 KiB), so leaves go straight through and only parent hashes are gathered.
+const FOLLOW_BUFFER: usize = 4 << 10;
 
 /// What a provider needs, shared by all its connections.
 #[derive(Clone, Debug)]
@@ -243,12 +252,24 @@ impl Provider {
                 let _ = send.finish();
                 return Ok(());
             };
+            let generation = *watch.borrow_and_update();
             tokio::select! {
                 _ = watch.changed() => {}
                 _ = send.stopped() => return Ok(()),
             }
-            // Coalesce a burst of leaf writes into one frame.
-            tokio::time::sleep(SUBSCRIBE_COALESCE).await;
+            // Coalesce a burst of leaf writes into one frame, but tell at once what we started or
+            // stopped fetching: peers ask us for it as it arrives.
+            let deadline = tokio::time::Instant::now() + SUBSCRIBE_COALESCE;
+            loop {
+                if *watch.borrow_and_update() != generation {
+                    tokio::time::sleep(PENDING_COALESCE).await;
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    changed = watch.changed() => if changed.is_err() { break },
+                }
+            }
         }
     }
 
@@ -270,7 +291,8 @@ impl Provider {
             }
         };
         let size = reader.outboard.tree.size();
-        let sending = ranges::from_spans(&wanted, size) & &reader.have;
+        // What we are fetching ourselves is promised too, and passed on as it is verified.
+        let sending = ranges::from_spans(&wanted, size) & &reader.promised();
         let header = Response::Get {
             size,
             ranges: ranges::to_spans(&sending, size),
@@ -281,9 +303,16 @@ impl Provider {
         let limit = self.upload_limit.clone();
         let corrupt = self.danger_corrupt_uploads;
         let bridge = SyncIoBridge::new(send);
+        // Chunks we are still fetching go out leaf by leaf as they are verified: a big buffer
+        // would hold them back until the whole block is here.
+        let buffer = if (sending.clone() - &reader.have).is_empty() {
+            STREAM_BUFFER
+        } else {
+            FOLLOW_BUFFER
+        };
         let (result, bridge) = tokio::task::spawn_blocking(move || {
             let mut out = BufWriter::with_capacity(
-                STREAM_BUFFER,
+                buffer,
                 CountingWriter {
                     inner: bridge,
                     metrics: &metrics,
@@ -292,9 +321,9 @@ impl Provider {
                     corrupt,
                 },
             );
-            let result =
-                encode_ranges_validated(&reader.data, &reader.outboard, &sending, &mut out)
-                    .and_then(|()| out.flush().map_err(EncodeError::Io));
+            let (data, outboard) = reader.verified();
+            let result = encode_ranges_validated(data, outboard, &sending, &mut out)
+                .and_then(|()| out.flush().map_err(EncodeError::Io));
             (result, out.into_parts().0.inner)
         })
         .await
@@ -303,6 +332,13 @@ impl Provider {
         match result {
             Ok(()) => {
                 let _ = send.finish();
+            }
+            Err(EncodeError::Io(e))
+                if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::TimedOut) =>
+            {
+                // A pending block we promised stopped arriving.
+                debug!(hash = %hash.fmt_short(), "pending chunks unavailable: {e}");
+                let _ = send.reset(RESET_UNAVAILABLE.into());
             }
             Err(EncodeError::Io(e)) => {
                 debug!(hash = %hash.fmt_short(), "stream ended while sending: {e}");
