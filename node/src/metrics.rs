@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Metrics {
     /// Blob data bytes sent to peers (bao leaves, not framing).
     pub bytes_sent: AtomicU64,
+    /// Of those, bytes of blocks we were still fetching, passed on as they were verified.
+    pub bytes_passed_on: AtomicU64,
     /// Blob data bytes received from peers and verified.
     pub bytes_received: AtomicU64,
     /// Verified bytes received that were already present (endgame duplicates).
@@ -35,6 +37,11 @@ impl Metrics {
                 "mesh_bytes_sent_total",
                 "Blob bytes sent to peers.",
                 get(&self.bytes_sent),
+            ),
+            (
+                "mesh_bytes_passed_on_total",
+                "Blob bytes sent while we were still fetching their block.",
+                get(&self.bytes_passed_on),
             ),
             (
                 "mesh_bytes_received_total",

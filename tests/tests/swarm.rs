@@ -173,6 +173,18 @@ fn one_seed_four_peers_all_identical_and_peers_relay() {
             i + 2
         );
     }
+    // Peers pass a block on while it is still arriving from the seed (measured: all but a
+    // few blocks), instead of waiting for it to be whole.
+    let passed_on: u64 = peers
+        .iter()
+        .map(|p| p.counter("mesh_bytes_passed_on_total"))
+        .sum();
+    let relayed_total: u64 = relayed.iter().sum();
+    eprintln!("peers passed on {passed_on} of {relayed_total} bytes while still fetching them");
+    assert!(
+        passed_on > relayed_total / 2,
+        "peers passed on only {passed_on} of {relayed_total} bytes while still fetching them"
+    );
 }
 
 #[test]

@@ -175,6 +175,10 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
         .iter()
         .map(|n| n.counter("mesh_bytes_sent_total"))
         .sum();
+    let passed_on: u64 = nodes[1..]
+        .iter()
+        .map(|n| n.counter("mesh_bytes_passed_on_total"))
+        .sum();
     let seed_addr = lab.addr(1);
     let from_seed: u64 = nodes[1..]
         .iter()
@@ -182,10 +186,12 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
         .sum::<Result<u64>>()?;
     eprintln!(
         "mesh: seed sent {:.3}x the file (bao-encoded), of which new to its receiver {:.3}x; \
-         peers relayed {:.2}x; duplicates received {:.3}x",
+         peers relayed {:.2}x ({:.2}x passed on while still arriving); duplicates received \
+         {:.3}x",
         seed_sent as f64 / size as f64,
         from_seed as f64 / size as f64,
         relayed as f64 / size as f64,
+        passed_on as f64 / size as f64,
         dup as f64 / size as f64
     );
     if let Some(keep) = &opt.keep_logs {

@@ -305,10 +305,11 @@ impl Provider {
         let bridge = SyncIoBridge::new(send);
         // Chunks we are still fetching go out leaf by leaf as they are verified: a big buffer
         // would hold them back until the whole block is here.
-        let buffer = if (sending.clone() - &reader.have).is_empty() {
-            STREAM_BUFFER
-        } else {
+        let following = !(sending.clone() - &reader.have).is_empty();
+        let buffer = if following {
             FOLLOW_BUFFER
+        } else {
+            STREAM_BUFFER
         };
         let (result, bridge) = tokio::task::spawn_blocking(move || {
             let mut out = BufWriter::with_capacity(
@@ -319,6 +320,7 @@ impl Provider {
                     peer: &counters,
                     limit: limit.as_deref(),
                     corrupt,
+                    following,
                 },
             );
             let (data, outboard) = reader.verified();
@@ -371,6 +373,8 @@ struct CountingWriter<'a, W> {
     peer: &'a PeerCounters,
     limit: Option<&'a RateLimit>,
     corrupt: bool,
+    /// Whether these are chunks we are still fetching.
+    following: bool,
 }
 
 impl<W: Write> Write for CountingWriter<'_, W> {
@@ -386,6 +390,9 @@ impl<W: Write> Write for CountingWriter<'_, W> {
             self.inner.write(buf)?
         };
         Metrics::add(&self.metrics.bytes_sent, n as u64);
+        if self.following {
+            Metrics::add(&self.metrics.bytes_passed_on, n as u64);
+        }
         Metrics::add(&self.peer.sent, n as u64);
         Ok(n)
     }
