@@ -1,25 +1,18 @@
-//! `mesh`: the command line. It parses arguments, calls into `mesh-node` and prints; nothing
+//! `mesh`: the command line. It parses arguments, calls a [`LocalNode`] and prints; nothing
 //! else lives here.
 
-use std::{
-    io::IsTerminal,
-    net::SocketAddr,
-    path::PathBuf,
-    process::ExitCode,
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
-};
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mesh_node::{
-    api::{AddRequest, FetchBody, FetchLine, ModelInfo, NodeClient},
+    api::{FetchLine, ModelInfo},
     config::ConfigFile,
-    fetch::{FetchProgress, FetchRequest},
-    net::BindError,
-    node::{Node, NodeConfig, NodeError, DEFAULT_API_PORT, DEFAULT_PORT},
-    store::{Store, StoreError},
+    discovery::PeerInfo,
+    fetch::{default_folder, FetchReport, FetchRequest, Target},
+    local::{LocalError, LocalNode},
+    node::{Node, NodeConfig, DEFAULT_API_PORT, DEFAULT_PORT},
 };
 use mesh_proto::ModelRef;
 
@@ -62,6 +55,10 @@ enum Command {
         /// Upload limit for the whole node, in bytes per second.
         #[arg(long, env = "MESH_MAX_UPLOAD")]
         max_upload: Option<u64>,
+        /// A peer to keep connected besides those found by mDNS, IP:PORT; repeatable (adds to
+        /// the config file's `peers`).
+        #[arg(long = "peer")]
+        peers: Vec<SocketAddr>,
         /// Don't import (hash and serve) models found in the HuggingFace cache at start.
         #[arg(long)]
         no_hf_cache_scan: bool,
@@ -123,11 +120,8 @@ enum Command {
     },
 }
 
-/// Exit codes scripts can rely on (documented in README.md); fetch errors carry their own
-/// (`FetchError::exit_code`).
-mod exit {
-    pub(crate) const ERROR: u8 = 1;
-}
+/// How long `mesh peers` listens for peers when no node runs.
+const PEERS_LISTEN: Duration = Duration::from_secs(3);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -140,10 +134,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if let Some(hint) = hint(&e) {
+            let local = e.downcast_ref::<LocalError>();
+            if let Some(hint) = local.and_then(LocalError::hint) {
                 eprintln!("hint: {hint}");
             }
-            ExitCode::from(exit_code(&e))
+            ExitCode::from(local.map_or(1, LocalError::exit_code))
         }
     }
 }
@@ -166,8 +161,8 @@ fn init_tracing(cli: &Cli) {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let home = match cli.home {
-        Some(home) => home,
+    let home = match &cli.home {
+        Some(home) => home.clone(),
         None => dirs::cache_dir()
             .context("no cache dir on this system: set MESH_HOME")?
             .join("mesh"),
@@ -176,41 +171,43 @@ async fn run(cli: Cli) -> Result<()> {
         .config
         .clone()
         .unwrap_or_else(|| home.join("config.toml"));
-    let config = ConfigFile::load(&config_path, cli.config.is_some())?;
-    let mesh_key = cli
-        .mesh_key
-        .or(config.mesh_key.clone())
-        .filter(|k| !k.is_empty());
+    let file = ConfigFile::load(&config_path, cli.config.is_some())?;
+    // What a command's embedded node runs with: the defaults, then the file, then flags.
+    let mut node = NodeConfig {
+        home,
+        listen: file
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
+        api: None,
+        mesh_key: cli
+            .mesh_key
+            .clone()
+            .or(file.mesh_key.clone())
+            .filter(|k| !k.is_empty()),
+        max_upload: file.max_upload,
+        mdns: !cli.no_mdns,
+        bootstrap: file.peers.clone(),
+        aliases: file.aliases.clone(),
+        hf_cache_scan: false,
+    };
     match cli.command {
         Command::Node {
             listen,
             api,
             no_api,
             max_upload,
+            peers,
             no_hf_cache_scan,
         } => {
-            let config =
-                NodeConfig {
-                    home,
-                    listen: listen
-                        .or(config.listen)
-                        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
-                    api: if no_api {
-                        None
-                    } else {
-                        Some(api.or(config.api).unwrap_or_else(|| {
-                            SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT))
-                        }))
-                    },
-                    mesh_key,
-                    max_upload: max_upload.or(config.max_upload),
-                    mdns: !cli.no_mdns,
-                    aliases: config.aliases.clone(),
-                    hf_cache_scan: !no_hf_cache_scan,
-                };
-            run_node(config).await
+            node.listen = listen.unwrap_or(node.listen);
+            let default_api = SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT));
+            node.api = (!no_api).then(|| api.or(file.api).unwrap_or(default_api));
+            node.max_upload = max_upload.or(node.max_upload);
+            node.bootstrap.extend(peers);
+            node.hf_cache_scan = !no_hf_cache_scan;
+            run_node(node).await
         }
-        Command::Add { path, name, json } => add(&home, path, name, json).await,
+        Command::Add { path, name, json } => add(node, path, name, json).await,
         Command::Fetch {
             model,
             peers,
@@ -227,26 +224,33 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(_) => anyhow::bail!("give the revision once: as --revision or as @revision"),
                 None => model,
             };
-            let node = embedded_config(home.clone(), mesh_key, !cli.no_mdns, &config);
-            let opts = FetchOpts {
+            let model: ModelRef = model.parse().context("bad model name")?;
+            let folder = match to {
+                Some(to) => std::path::absolute(to)?,
+                None => default_folder(&model, &std::env::current_dir()?),
+            };
+            let mut targets = vec![Target::folder(folder)];
+            if hf_cache || file.hf_cache {
+                targets.push(
+                    Target::hf_cache()
+                        .context("no HuggingFace cache folder: set HF_HUB_CACHE or HF_HOME")?,
+                );
+            }
+            let req = FetchRequest {
+                model,
+                peers,
+                targets,
                 include,
                 exclude,
                 dry_run,
-                hf_cache: hf_cache || config.hf_cache,
-                json,
             };
-            run_fetch(node, model, peers, to, opts).await
+            fetch(node, req, json).await
         }
-        Command::Peers { json } => {
-            let node = embedded_config(home.clone(), mesh_key, !cli.no_mdns, &config);
-            peers(node, json).await
-        }
-        Command::Ls { json } => ls(&home, json).await,
+        Command::Peers { json } => peers(node, json).await,
+        Command::Ls { json } => ls(node, json).await,
         Command::Status => {
-            let client = NodeClient::discover(&home)
-                .await
-                .context("no node is running on this store (start one with `mesh node`)")?;
-            println!("{}", serde_json::to_string_pretty(&client.status().await?)?);
+            let local = LocalNode::open(node).await?;
+            println!("{}", serde_json::to_string_pretty(&local.status().await?)?);
             Ok(())
         }
     }
@@ -265,43 +269,24 @@ async fn run_node(config: NodeConfig) -> Result<()> {
     Ok(())
 }
 
-async fn add(
-    home: &std::path::Path,
-    path: PathBuf,
-    name: Option<String>,
-    json: bool,
-) -> Result<()> {
+async fn add(node: NodeConfig, path: PathBuf, name: Option<String>, json: bool) -> Result<()> {
     let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
-    let info = match open_store(home).await {
-        Ok(store) => {
-            let show = std::io::stderr().is_terminal() && !json;
-            let bar = show.then(|| progress_bar(0));
-            let manifest = tokio::task::spawn_blocking(move || {
-                store.add_path(&path, name, &mut |p| {
-                    if let Some(bar) = &bar {
-                        bar.set_length(p.total);
-                        bar.set_position(p.done);
-                        bar.set_message(p.path.to_string());
-                    }
-                })
-            })
-            .await??;
-            ModelInfo {
-                id: manifest.id().to_string(),
-                name: manifest.name().to_string(),
-                size: manifest.total_size(),
-                complete: true,
-                files: Some(manifest.files().len()),
+    let local = LocalNode::open(node).await?;
+    let bar = (std::io::stderr().is_terminal() && !json).then(|| progress_bar(0));
+    let shown = bar.clone();
+    let info = local
+        .add(path, name, move |p| {
+            if let Some(bar) = &shown {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+                bar.set_message(p.path.to_string());
             }
-        }
-        Err(StoreError::Locked(_)) => {
-            let client = NodeClient::discover(home)
-                .await
-                .context("the store is held by a running node whose local API does not answer")?;
-            client.add(&AddRequest { path, name }).await?
-        }
-        Err(e) => return Err(e.into()),
-    };
+        })
+        .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let info = info?;
     if json {
         println!("{}", serde_json::to_string(&info)?);
     } else {
@@ -316,186 +301,33 @@ async fn add(
     Ok(())
 }
 
-/// The node `mesh fetch` and `mesh peers` run for their own duration when no node is running
-/// on this store: it serves peers while it fetches, and has no local API.
-fn embedded_config(
-    home: PathBuf,
-    mesh_key: Option<String>,
-    mdns: bool,
-    config: &ConfigFile,
-) -> NodeConfig {
-    NodeConfig {
-        home,
-        listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
-        api: None,
-        mesh_key,
-        max_upload: config.max_upload,
-        mdns,
-        aliases: config.aliases.clone(),
-        hf_cache_scan: false,
-    }
-}
-
-/// Starts the embedded node, on the default port if it is free and on any port if not.
-async fn spawn_embedded(config: NodeConfig) -> Result<Node> {
-    match Node::spawn(config.clone()).await {
-        Err(NodeError::Bind(BindError::Bind { .. })) => {
-            let config = NodeConfig {
-                listen: SocketAddr::from(([0, 0, 0, 0], 0)),
-                ..config
-            };
-            Ok(Node::spawn(config).await?)
-        }
-        Err(NodeError::Store(StoreError::Locked(path))) => anyhow::bail!(
-            "the store at {} is in use by another mesh process without a local API",
-            path.display()
-        ),
-        other => Ok(other?),
-    }
-}
-
-/// A fetch failure that carries the exit code and hint the node chose.
-#[derive(Debug)]
-struct FetchFailed {
-    message: String,
-    code: u8,
-    hint: Option<String>,
-}
-
-impl std::fmt::Display for FetchFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for FetchFailed {}
-
-/// `mesh fetch` options passed through to the node.
-struct FetchOpts {
-    include: Vec<String>,
-    exclude: Vec<String>,
-    dry_run: bool,
-    hf_cache: bool,
-    json: bool,
-}
-
-async fn run_fetch(
-    node: NodeConfig,
-    model: String,
-    peers: Vec<SocketAddr>,
-    to: Option<PathBuf>,
-    opts: FetchOpts,
-) -> Result<()> {
-    let json = opts.json;
-    let model_ref: ModelRef = model.parse().context("bad model name")?;
-    let to = match to {
-        Some(to) => std::path::absolute(to)?,
-        None => std::env::current_dir()?.join(match &model_ref {
-            ModelRef::Name(name) => {
-                let name = name.strip_prefix("hf://").unwrap_or(name);
-                let name = name.split('@').next().unwrap_or(name);
-                name.replace('/', "--")
+async fn fetch(node: NodeConfig, req: FetchRequest, json: bool) -> Result<()> {
+    let show = std::io::stderr().is_terminal() && !json && !req.dry_run;
+    let mut local = LocalNode::open(node).await?;
+    let mut bar: Option<ProgressBar> = None;
+    let result = local
+        .fetch(req, |line| match line {
+            FetchLine::Start { total, .. } if show => bar = Some(progress_bar(total)),
+            FetchLine::Progress {
+                done, files_done, ..
+            } => {
+                if let Some(bar) = &bar {
+                    bar.set_position(done);
+                    bar.set_message(format!("{files_done} files done"));
+                }
             }
-            ModelRef::Id(id) => id.fmt_short(),
-        }),
-    };
-    let show = std::io::stderr().is_terminal() && !json && !opts.dry_run;
-    let report = if let Some(client) = NodeClient::discover(&node.home).await {
-        // A node runs on this store: it does the fetch and keeps serving afterwards.
-        let body = FetchBody {
-            model,
-            peers,
-            to,
-            include: opts.include,
-            exclude: opts.exclude,
-            dry_run: opts.dry_run,
-            hf_cache: opts.hf_cache,
-        };
-        let mut bar: Option<ProgressBar> = None;
-        let mut outcome = None;
-        client
-            .fetch(&body, |line| match line {
-                FetchLine::Start { total, .. } if show => bar = Some(progress_bar(total)),
-                FetchLine::Progress {
-                    done, files_done, ..
-                } => {
-                    if let Some(bar) = &bar {
-                        bar.set_position(done);
-                        bar.set_message(format!("{files_done} files done"));
-                    }
-                }
-                FetchLine::Done { report } => outcome = Some(Ok(report)),
-                FetchLine::Error {
-                    message,
-                    code,
-                    hint,
-                } => {
-                    outcome = Some(Err(FetchFailed {
-                        message,
-                        code,
-                        hint,
-                    }))
-                }
-                _ => {}
-            })
-            .await?;
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
-        outcome.context("the node ended the fetch stream without a result")??
-    } else {
-        let node = spawn_embedded(node).await?;
-        let bar_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let slot = bar_task.clone();
-        let req = FetchRequest {
-            model: model_ref,
-            peers,
-            to,
-            include: opts.include,
-            exclude: opts.exclude,
-            dry_run: opts.dry_run,
-            hf_cache: opts.hf_cache,
-        };
-        let result = node
-            .fetcher()
-            .fetch(req, move |manifest, progress| {
-                if show {
-                    let handle = tokio::spawn(render(manifest.total_size(), progress));
-                    *slot.lock().expect("bar lock") = Some(handle);
-                }
-            })
-            .await;
-        if let Some(handle) = bar_task.lock().expect("bar lock").take() {
-            handle.abort();
-        }
-        node.shutdown().await;
-        result.map_err(|e| FetchFailed {
-            message: e.to_string(),
-            code: e.exit_code(),
-            hint: e.hint().map(str::to_string),
-        })?
-    };
+            _ => {}
+        })
+        .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    local.shutdown().await;
+    let report = result?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else if let Some(plan) = &report.plan {
-        if let Some(source) = &report.source {
-            println!("{} = {source}", report.name);
-        }
-        println!("{:<48} {:>10}  FROM", "FILE", "SIZE");
-        for entry in plan {
-            let origin = serde_json::to_value(entry.origin)?;
-            println!(
-                "{:<48} {:>10}  {}",
-                entry.path,
-                human_bytes(entry.size),
-                origin.as_str().unwrap_or("?")
-            );
-        }
-        println!(
-            "{} files, {} (dry run: nothing moved)",
-            plan.len(),
-            human_bytes(report.total_bytes)
-        );
+        print_plan(&report, plan)?;
     } else {
         eprintln!(
             "{}: {} files, {} in {} ({} from peers, {} from HuggingFace, {} already here)",
@@ -511,17 +343,33 @@ async fn run_fetch(
     Ok(())
 }
 
+fn print_plan(report: &FetchReport, plan: &[mesh_node::fetch::PlanEntry]) -> Result<()> {
+    if let Some(source) = &report.source {
+        println!("{} = {source}", report.name);
+    }
+    println!("{:<48} {:>10}  FROM", "FILE", "SIZE");
+    for entry in plan {
+        let origin = serde_json::to_value(entry.origin)?;
+        println!(
+            "{:<48} {:>10}  {}",
+            entry.path,
+            human_bytes(entry.size),
+            origin.as_str().unwrap_or("?")
+        );
+    }
+    println!(
+        "{} files, {} (dry run: nothing moved)",
+        plan.len(),
+        human_bytes(report.total_bytes)
+    );
+    Ok(())
+}
+
 async fn peers(node: NodeConfig, json: bool) -> Result<()> {
-    let table = if let Some(client) = NodeClient::discover(&node.home).await {
-        client.peers().await?
-    } else {
-        // No node here: listen for a few seconds, as a node would.
-        let node = spawn_embedded(node).await?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let table = node.fetcher().peers.table();
-        node.shutdown().await;
-        table
-    };
+    let mut local = LocalNode::open(node).await?;
+    let table = local.peers(PEERS_LISTEN).await;
+    local.shutdown().await;
+    let table: Vec<PeerInfo> = table?;
     if json {
         println!("{}", serde_json::to_string(&table)?);
         return Ok(());
@@ -547,51 +395,10 @@ async fn peers(node: NodeConfig, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn render(total: u64, progress: Arc<FetchProgress>) {
-    let bar = progress_bar(total);
-    loop {
-        let done: u64 = progress
-            .files
-            .iter()
-            .map(|f| f.done.load(Ordering::Relaxed))
-            .sum();
-        let files_done = progress
-            .files
-            .iter()
-            .filter(|f| f.done.load(Ordering::Relaxed) >= f.size)
-            .count();
-        bar.set_position(done);
-        bar.set_message(format!("{files_done}/{} files", progress.files.len()));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn progress_bar(total: u64) -> ProgressBar {
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
-        )
-        .expect("progress template is valid"),
-    );
-    bar
-}
-
-async fn ls(home: &std::path::Path, json: bool) -> Result<()> {
-    let models: Vec<ModelInfo> = match open_store(home).await {
-        Ok(store) => tokio::task::spawn_blocking(move || store.models())
-            .await??
-            .into_iter()
-            .map(ModelInfo::from)
-            .collect(),
-        Err(StoreError::Locked(_)) => {
-            let client = NodeClient::discover(home)
-                .await
-                .context("the store is held by a running node whose local API does not answer")?;
-            client.models().await?
-        }
-        Err(e) => return Err(e.into()),
-    };
+async fn ls(node: NodeConfig, json: bool) -> Result<()> {
+    let local = LocalNode::open(node).await?;
+    let models: Vec<ModelInfo> = local.models().await?;
+    local.shutdown().await;
     if json {
         println!("{}", serde_json::to_string(&models)?);
         return Ok(());
@@ -609,24 +416,17 @@ async fn ls(home: &std::path::Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn open_store(home: &std::path::Path) -> Result<Store, StoreError> {
-    let home = home.to_path_buf();
-    tokio::task::spawn_blocking(move || Store::open(&home))
-        .await
-        .expect("store open panicked")
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+        )
+        .expect("progress template is valid"),
+    );
+    bar
 }
 
 fn human_bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
-}
-
-fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<FetchFailed>() {
-        Some(failed) => failed.code,
-        None => exit::ERROR,
-    }
-}
-
-fn hint(e: &anyhow::Error) -> Option<String> {
-    e.downcast_ref::<FetchFailed>()?.hint.clone()
 }

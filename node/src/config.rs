@@ -17,9 +17,12 @@ pub struct ConfigFile {
     pub api: Option<SocketAddr>,
     /// Upload limit, bytes per second.
     pub max_upload: Option<u64>,
+    /// Peers to keep connected besides those mDNS finds (on another subnet, say), IP:PORT.
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
     /// Model aliases: short name -> HuggingFace repo and files.
     #[serde(default)]
-    pub aliases: std::collections::BTreeMap<String, crate::catalog::CatalogEntry>,
+    pub aliases: std::collections::BTreeMap<String, crate::fetch::catalog::CatalogEntry>,
     /// Materialize fetched HuggingFace models into the HF cache by default.
     #[serde(default)]
     pub hf_cache: bool,

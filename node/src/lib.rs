@@ -1,31 +1,37 @@
 //! The mesh node as a library: everything `mesh` does is a call into this crate.
 //!
 //! # Layout
-//! - [`store`]: blobs, outboards, partial downloads and the redb metadata database.
-//! - [`net`]: the QUIC endpoint, TLS identities and the mesh-key handshake.
-//! - [`transfer`]: serving range requests ([`transfer::provider`]) and fetching them
-//!   ([`transfer::get`]), both verified with bao-tree.
-//! - [`fetch`]: the `mesh fetch` pipeline: resolve, schedule segments across peers, materialize.
-//! - [`node`]: the long-running node that wires these together; [`api`]: its local HTTP API.
-//! - [`metrics`]: counters; [`ranges`]: chunk range helpers; [`config`]: the TOML config file.
+//! One folder per concern. A module uses only those below it, never those above:
+//!
+//! | layer | module | what it owns |
+//! |---|---|---|
+//! | 1 | [`node`], [`local`], [`config`] | wiring a node; the node a command talks to; the config file |
+//! | 2 | [`api`] | the local HTTP API, its client, and the HuggingFace-compatible endpoint |
+//! | 3 | [`fetch`] | resolve a name, plan sources, drive the swarm, materialize into targets |
+//! | 4 | [`hf`] | the Hub client, the fleet split of HF pieces, HF cache in and out |
+//! | 5 | [`swarm`] | the block scheduler: a pure policy and its async driver |
+//! | 6 | [`transfer`] | one request each way: serve ([`transfer::provider`]), fetch and verify |
+//! | 7 | [`discovery`] | where peer addresses come from (mDNS, `--peer`, bootstrap) and the peer set |
+//! | 8 | [`net`] | the QUIC endpoint, the membership handshake, frames |
+//! | 9 | [`store`] | blobs, outboards, partial downloads (mesh and HF pieces), redb metadata |
+//! | 10 | [`metrics`] | counters every layer bumps |
+//!
+//! Wire types and formats live in the `mesh-proto` crate, below all of these.
+//!
+//! Where to add things: a way to find peers is a source in [`discovery`]; a place to put files
+//! (an app's folder layout) is a [`fetch::Layout`]; a place bytes come from (a mirror, a
+//! registry) is a source in `fetch::sources` beside HuggingFace.
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod catalog;
 pub mod config;
 pub mod discovery;
 pub mod fetch;
-pub mod hf_api;
-pub mod hf_cache;
-pub mod hf_import;
-pub mod hub;
-pub mod hub_fetch;
-pub mod hub_swarm;
+pub mod hf;
+pub mod local;
 pub mod metrics;
 pub mod net;
 pub mod node;
-pub mod peers;
-pub mod ranges;
 pub mod store;
 pub mod swarm;
 pub mod transfer;

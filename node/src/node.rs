@@ -1,28 +1,25 @@
-//! [`Node`]: wires the store, the QUIC endpoint, the provider and the local API together, and
-//! shuts them down as one.
+//! [`Node`]: wires the store, the QUIC endpoint, discovery, the provider and the local API
+//! together, and shuts them down as one.
 //!
-//! A running node writes `MESH_HOME/node.json` (its addresses and an API token readable only by
-//! the owner), so `mesh add` and `mesh ls` on the same store go through the node instead of
-//! opening the database it holds.
+//! A running node writes `MESH_HOME/node.json` ([`NodeInfo`]: its addresses and an API token
+//! readable only by the owner), so `mesh add` and `mesh ls` on the same store go through the
+//! node instead of opening the database it holds.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
-use serde::{Deserialize, Serialize};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::{
-    api, discovery,
-    fetch::Fetcher,
+    api::{self, NodeInfo},
+    discovery::{mdns, Discovery, Peers},
+    fetch::{catalog::CatalogEntry, Fetcher},
+    hf::cache_in,
+    hf::cache_out,
     metrics::Metrics,
     net::{BindError, ConnectError, Net},
-    peers::Peers,
-    store::{Store, StoreError},
+    store::{self, Store, StoreError},
     transfer::provider::{Provider, RateLimit},
 };
 
@@ -48,8 +45,10 @@ pub struct NodeConfig {
     pub max_upload: Option<u64>,
     /// Find peers with mDNS.
     pub mdns: bool,
+    /// Peers to keep connected besides those mDNS finds (the config file's `peers`).
+    pub bootstrap: Vec<SocketAddr>,
     /// Model aliases from the config file.
-    pub aliases: std::collections::BTreeMap<String, crate::catalog::CatalogEntry>,
+    pub aliases: std::collections::BTreeMap<String, CatalogEntry>,
     /// Import models found in the HuggingFace cache at start.
     pub hf_cache_scan: bool,
 }
@@ -82,32 +81,6 @@ pub enum NodeError {
     },
 }
 
-/// What a running node publishes in `MESH_HOME/node.json`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// The node's process id.
-    pub pid: u32,
-    /// Its QUIC address.
-    pub listen: SocketAddr,
-    /// Its local API address.
-    pub api: Option<SocketAddr>,
-    /// Bearer token for the API's mutating calls.
-    pub token: String,
-}
-
-impl NodeInfo {
-    /// The file a node running on `home` publishes.
-    pub fn path(home: &Path) -> PathBuf {
-        home.join("node.json")
-    }
-
-    /// Reads `node.json`, if a node published one.
-    pub fn read(home: &Path) -> Option<Self> {
-        let bytes = std::fs::read(Self::path(home)).ok()?;
-        serde_json::from_slice(&bytes).ok()
-    }
-}
-
 /// A running node.
 #[derive(Debug)]
 pub struct Node {
@@ -128,8 +101,13 @@ impl Node {
     pub async fn spawn(config: NodeConfig) -> Result<Self, NodeError> {
         let store = {
             let home = config.home.clone();
-            crate::store::blocking(move || Store::open(&home)).await?
+            store::blocking(move || Store::open(&home)).await?
         };
+        Self::start(store, config).await
+    }
+
+    /// Binds QUIC and the API on an open store, and starts serving.
+    pub async fn start(store: Store, config: NodeConfig) -> Result<Self, NodeError> {
         let key = store.identity_key()?;
         if config.mesh_key.is_none() {
             warn!("no mesh key set: running in OPEN mode, any open-mode node on the network can fetch from this one (set MESH_KEY)");
@@ -138,23 +116,21 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let discovered = if config.mdns {
-            match discovery::spawn(net.local_addr(), cancel.clone()) {
-                Ok(rx) => Some(rx),
+        let discovery = Discovery::new(&config.bootstrap);
+        let mdns_on = config.mdns
+            && match mdns::spawn(net.local_addr(), discovery.clone(), cancel.clone()) {
+                Ok(()) => true,
                 Err(e) => {
                     warn!("LAN discovery is off: {e}");
-                    None
+                    false
                 }
-            }
-        } else {
-            None
-        };
-        let peers = Peers::spawn(net.clone(), discovered.clone(), cancel.clone());
+            };
+        let peers = Peers::spawn(net.clone(), discovery, cancel.clone());
         let fetcher = Fetcher::new(
             store.clone(),
             peers.clone(),
             metrics.clone(),
-            discovered.is_some(),
+            mdns_on,
             config.aliases.clone(),
         );
         let danger_corrupt_uploads =
@@ -202,11 +178,10 @@ impl Node {
         };
         let path = NodeInfo::path(&config.home);
         let json = serde_json::to_vec_pretty(&info).expect("node info serializes");
-        crate::store::write_private(&path, &json)
-            .map_err(|source| NodeError::State { path, source })?;
+        store::write_private(&path, &json).map_err(|source| NodeError::State { path, source })?;
         if config.hf_cache_scan {
-            if let Some(cache) = crate::hf_cache::cache_dir() {
-                crate::hf_import::spawn_scan(store.clone(), cache, cancel.clone());
+            if let Some(cache) = cache_out::cache_dir() {
+                cache_in::spawn_scan(store.clone(), cache, cancel.clone());
             }
         }
         info!(listen = %info.listen, api = ?info.api, "node running");

@@ -86,6 +86,13 @@ pub enum StreamError {
     Closed,
 }
 
+impl StreamError {
+    /// A stream that could not be opened because the connection failed.
+    pub fn from_connection(e: quinn::ConnectionError) -> Self {
+        Self::Read(quinn::ReadExactError::ReadError(e.into()))
+    }
+}
+
 /// Failed endpoint set-up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -18,6 +18,8 @@
 mod db;
 mod import;
 mod partial;
+pub mod pieces;
+pub mod ranges;
 
 use std::{
     collections::HashMap,
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::import::AddProgress;
 pub use self::partial::{PartialBlob, Verified};
-use crate::ranges;
+use self::pieces::PieceFiles;
 
 /// The chunk group size of every outboard: 16 KiB.
 pub const BLOCK_SIZE: bao_tree::BlockSize = bao_tree::BlockSize::from_chunk_log(4);
@@ -201,8 +203,8 @@ struct Inner {
     home: PathBuf,
     /// The metadata database.
     db: redb::Database,
-    /// HuggingFace files being assembled from pieces (before their BLAKE3 root is known).
-    hub_partials: crate::hub_swarm::HubPartials,
+    /// Files being assembled from an origin's pieces (before their BLAKE3 root is known).
+    piece_files: PieceFiles,
     /// Partial blobs being written, so concurrent fetches of one blob share one writer.
     /// A std mutex: it is held only for map lookups, never across I/O or `.await`.
     partials: Mutex<HashMap<Hash, Weak<PartialBlob>>>,
@@ -235,7 +237,7 @@ impl Store {
             inner: Arc::new(Inner {
                 home: home.to_path_buf(),
                 db,
-                hub_partials: Default::default(),
+                piece_files: PieceFiles::default(),
                 partials: Mutex::default(),
                 blobs_appeared: tokio::sync::watch::channel(()).0,
             }),
@@ -247,9 +249,9 @@ impl Store {
         &self.inner.home
     }
 
-    /// HuggingFace files being assembled.
-    pub fn hub_partials(&self) -> &crate::hub_swarm::HubPartials {
-        &self.inner.hub_partials
+    /// Files being assembled from an origin's pieces.
+    pub fn piece_files(&self) -> &PieceFiles {
+        &self.inner.piece_files
     }
 
     /// The node's identity key (PKCS#8 DER), created on first use.

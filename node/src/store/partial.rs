@@ -39,11 +39,11 @@ use bao_tree::{
 use mesh_proto::Hash;
 use positioned_io::RandomAccessFile;
 
+use super::ranges;
 use super::{
     db, mtime_of, pairs_from_ranges, BlobReader, BlobRecord, Location, Store, StoreError,
     BLOCK_SIZE,
 };
-use crate::ranges;
 
 /// Bytes received between two checkpoints of a partial blob.
 pub(crate) const CHECKPOINT_BYTES: u64 = 16 << 20;

@@ -25,11 +25,10 @@ use tokio_util::io::SyncIoBridge;
 
 use super::STREAM_BUFFER;
 use crate::{
+    discovery::PeerCounters,
     metrics::Metrics,
     net::{read_frame, write_frame, StreamError},
-    peers::PeerCounters,
-    ranges,
-    store::{PartialBlob, StoreError},
+    store::{ranges, PartialBlob, StoreError},
 };
 
 /// Why a range request failed.
@@ -92,6 +91,14 @@ pub enum GetError {
     Store(#[from] StoreError),
 }
 
+impl GetError {
+    /// Whether the peer sent bad data (or its own copy was bad), as opposed to refusing or
+    /// losing the connection.
+    pub fn is_bad_data(&self) -> bool {
+        matches!(self, Self::Corrupt { .. } | Self::SourceCorrupt { .. })
+    }
+}
+
 /// Where a range request reports what it wrote, and how it is cancelled.
 #[derive(Clone, Debug)]
 pub struct GetHooks {
@@ -119,11 +126,10 @@ pub async fn get_ranges(
     let hash = partial.hash();
     let size = partial.size();
     let stream_err = |source| GetError::Stream { peer, source };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-        stream_err(StreamError::Read(quinn::ReadExactError::ReadError(
-            e.into(),
-        )))
-    })?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| stream_err(StreamError::from_connection(e)))?;
     let request = Request::Get {
         hash,
         ranges: ranges::to_spans(wanted, size),

@@ -21,13 +21,13 @@ use mesh_proto::wire::{
 use tokio_util::io::SyncIoBridge;
 use tracing::{debug, warn, Instrument};
 
+use super::pieces;
 use super::STREAM_BUFFER;
 use crate::{
+    discovery::{PeerCounters, Peers},
     metrics::Metrics,
-    net::{read_frame, write_frame},
-    peers::PeerCounters,
-    ranges,
-    store::{blocking, BlobHave, Store, StoreError},
+    net::{read_frame, write_frame, StreamError},
+    store::{blocking, ranges, BlobHave, Store, StoreError},
 };
 
 /// How long a subscription waits after a change before sending, to batch leaf writes.
@@ -50,7 +50,7 @@ pub struct Provider {
     /// Upload limit in bytes per second, for the whole node.
     pub upload_limit: Option<Arc<RateLimit>>,
     /// Per-peer counters.
-    pub peers: crate::peers::Peers,
+    pub peers: Peers,
     /// No mesh key: then nothing from a gated or private repo is served to anyone.
     pub open_mode: bool,
     /// Test-only: flip bytes in what we send, after our own verification, to play a hostile
@@ -102,7 +102,7 @@ impl Provider {
         request: Request,
         mut send: quinn::SendStream,
         counters: Arc<PeerCounters>,
-    ) -> Result<(), crate::net::StreamError> {
+    ) -> Result<(), StreamError> {
         let store = self.store.clone();
         if self.open_mode && self.touches_restricted(&request).await {
             write_frame(&mut send, &Response::Error(ErrorCode::NotFound)).await?;
@@ -113,9 +113,9 @@ impl Provider {
             Request::Get { hash, ranges } => return self.get(hash, ranges, send, counters).await,
             Request::Subscribe { hash } => return self.subscribe(hash, send).await,
             Request::HubSubscribe { etag } => {
-                match self.store.hub_partials().get(&etag) {
+                match self.store.piece_files().get(&etag) {
                     Some(p) if !(self.open_mode && p.restricted()) => {
-                        crate::hub_swarm::serve_subscription(p, send).await
+                        pieces::serve_subscription(p, send).await
                     }
                     _ => {
                         write_frame(&mut send, &Response::Error(ErrorCode::NotFound)).await?;
@@ -127,11 +127,10 @@ impl Provider {
             Request::HubGet { etag, piece } => {
                 let partial = self
                     .store
-                    .hub_partials()
+                    .piece_files()
                     .get(&etag)
                     .filter(|p| !(self.open_mode && p.restricted()));
-                crate::hub_swarm::serve_piece(partial, piece, self.danger_corrupt_uploads, send)
-                    .await;
+                pieces::serve_piece(partial, piece, self.danger_corrupt_uploads, send).await;
                 return Ok(());
             }
             Request::Have { hash } => match blocking(move || store.open_reader(hash)).await {
@@ -206,7 +205,7 @@ impl Provider {
         &self,
         hash: mesh_proto::Hash,
         mut send: quinn::SendStream,
-    ) -> Result<(), crate::net::StreamError> {
+    ) -> Result<(), StreamError> {
         let mut sent = ChunkRanges::empty();
         let mut sent_pending = ChunkRanges::empty();
         let mut first = true;
@@ -279,7 +278,7 @@ impl Provider {
         wanted: mesh_proto::wire::ChunkSpans,
         mut send: quinn::SendStream,
         counters: Arc<PeerCounters>,
-    ) -> Result<(), crate::net::StreamError> {
+    ) -> Result<(), StreamError> {
         let store = self.store.clone();
         let reader = match blocking(move || store.open_reader(hash)).await {
             Ok(reader) => reader,

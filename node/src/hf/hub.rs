@@ -287,11 +287,6 @@ impl Hub {
         )
     }
 
-    /// An HTTP-level error with this endpoint named.
-    pub(crate) fn http_error(&self, why: impl std::fmt::Display) -> HubError {
-        self.http_err(why)
-    }
-
     /// Downloads `len` bytes at `start` of one file at `commit` (a Range request, following
     /// the Hub's redirect to its CDN).
     pub async fn download_range(

@@ -1,12 +1,12 @@
 //! The local HTTP API (127.0.0.1 by default): health, models, peers, metrics, and `add` and
-//! `fetch` for the CLI when a node holds the store. Mutating calls need the bearer token from
-//! `node.json`, which only the store's owner can read.
+//! `fetch` for the CLI when a node holds the store ([`client`] is the CLI's side), plus the
+//! HuggingFace-compatible read API ([`hf_endpoint`]). Mutating calls need the bearer token
+//! from `node.json`, which only the store's owner can read.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{atomic::Ordering, Arc},
-};
+pub mod client;
+mod hf_endpoint;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use axum::{
     extract::State,
@@ -19,11 +19,11 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+pub use self::client::{ClientError, NodeClient, NodeInfo};
 use crate::{
-    fetch::{FetchProgress, FetchReport, FetchRequest, Fetcher},
+    discovery::PeerInfo,
+    fetch::{FetchProgress, FetchReport, FetchRequest, Fetcher, Target},
     metrics::Metrics,
-    node::NodeInfo,
-    peers::PeerInfo,
     store::{blocking, Store},
 };
 
@@ -93,7 +93,7 @@ pub(crate) async fn serve(
         .route("/v1/add", post(add))
         .route("/v1/fetch", post(fetch))
         .route("/v1/peers", get(peers))
-        .merge(crate::hf_api::router())
+        .merge(hf_endpoint::router())
         .with_state(state);
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)
@@ -169,8 +169,8 @@ pub struct FetchBody {
     pub model: String,
     /// Extra peers to dial.
     pub peers: Vec<SocketAddr>,
-    /// Absolute target folder.
-    pub to: PathBuf,
+    /// Where the files go (absolute roots).
+    pub targets: Vec<Target>,
     /// Include globs (HuggingFace repos).
     #[serde(default)]
     pub include: Vec<String>,
@@ -180,9 +180,20 @@ pub struct FetchBody {
     /// Only plan.
     #[serde(default)]
     pub dry_run: bool,
-    /// Also export to the HuggingFace cache.
-    #[serde(default)]
-    pub hf_cache: bool,
+}
+
+impl FetchBody {
+    /// The body for a request.
+    pub fn new(req: &FetchRequest) -> Self {
+        Self {
+            model: req.model.to_string(),
+            peers: req.peers.clone(),
+            targets: req.targets.clone(),
+            include: req.include.clone(),
+            exclude: req.exclude.clone(),
+            dry_run: req.dry_run,
+        }
+    }
 }
 
 /// One line of the `POST /v1/fetch` NDJSON stream.
@@ -245,47 +256,19 @@ async fn fetch(
     let req = FetchRequest {
         model,
         peers: body.peers,
-        to: body.to,
+        targets: body.targets,
         include: body.include,
         exclude: body.exclude,
         dry_run: body.dry_run,
-        hf_cache: body.hf_cache,
     };
     // The fetch runs to the end even if the client goes away: the blobs stay useful.
     tokio::spawn(async move {
-        let progress_slot = Arc::new(std::sync::Mutex::new(None::<Arc<FetchProgress>>));
-        let slot = progress_slot.clone();
-        let start_tx = tx.clone();
-        let fetch = state.fetcher.fetch(req, move |manifest, progress| {
-            *slot.lock().expect("progress slot lock") = Some(progress);
-            let _ = start_tx.try_send(FetchLine::Start {
-                name: manifest.name().to_string(),
-                total: manifest.total_size(),
-                files: manifest.files().len(),
-            });
-        });
-        tokio::pin!(fetch);
-        let mut tick = tokio::time::interval(PROGRESS_EVERY);
-        let result = loop {
-            tokio::select! {
-                result = &mut fetch => break result,
-                _ = tick.tick() => {
-                    let progress = progress_slot.lock().expect("progress slot lock").clone();
-                    if let Some(p) = progress {
-                        let _ = tx.try_send(progress_line(&p));
-                    }
-                }
-            }
-        };
-        let line = match result {
-            Ok(report) => FetchLine::Done { report },
-            Err(e) => FetchLine::Error {
-                message: e.to_string(),
-                code: e.exit_code(),
-                hint: e.hint().map(str::to_string),
-            },
-        };
-        let _ = tx.send(line).await;
+        let progress_tx = tx.clone();
+        let last = fetch_lines(&state.fetcher, req, PROGRESS_EVERY, move |line| {
+            let _ = progress_tx.try_send(line);
+        })
+        .await;
+        let _ = tx.send(last).await;
     });
     let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(|line| {
         let mut json = serde_json::to_vec(&line).expect("fetch lines serialize");
@@ -299,15 +282,59 @@ async fn fetch(
         .into_response()
 }
 
-fn progress_line(p: &FetchProgress) -> FetchLine {
+/// Runs a fetch, reporting a [`FetchLine::Start`] when it starts and a
+/// [`FetchLine::Progress`] every `every`; returns the last line ([`FetchLine::Done`] or
+/// [`FetchLine::Error`]).
+pub async fn fetch_lines(
+    fetcher: &Fetcher,
+    req: FetchRequest,
+    every: std::time::Duration,
+    mut on_line: impl FnMut(FetchLine),
+) -> FetchLine {
+    // Set by the fetch when it starts; read by the ticker below, in the same task.
+    type Started = Option<(FetchLine, Arc<FetchProgress>)>;
+    let started: Arc<std::sync::Mutex<Started>> = Arc::default();
+    let slot = started.clone();
+    let fetch = fetcher.fetch(req, move |manifest, progress| {
+        let line = FetchLine::Start {
+            name: manifest.name().to_string(),
+            total: manifest.total_size(),
+            files: manifest.files().len(),
+        };
+        *slot.lock().expect("progress slot lock") = Some((line, progress));
+    });
+    tokio::pin!(fetch);
+    let mut tick = tokio::time::interval(every);
+    let mut announced = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut fetch => break result,
+            _ = tick.tick() => {}
+        }
+        let slot = started.lock().expect("progress slot lock").clone();
+        if let Some((start, progress)) = slot {
+            if !std::mem::replace(&mut announced, true) {
+                on_line(start);
+            }
+            on_line(progress_line(&progress));
+        }
+    };
+    match result {
+        Ok(report) => FetchLine::Done { report },
+        Err(e) => FetchLine::Error {
+            message: e.to_string(),
+            code: e.exit_code(),
+            hint: e.hint().map(str::to_string),
+        },
+    }
+}
+
+/// A progress line for `p`.
+pub fn progress_line(p: &FetchProgress) -> FetchLine {
     FetchLine::Progress {
-        done: p.files.iter().map(|f| f.done.load(Ordering::Relaxed)).sum(),
-        total: p.files.iter().map(|f| f.size).sum(),
-        files_done: p
-            .files
-            .iter()
-            .filter(|f| f.done.load(Ordering::Relaxed) >= f.size)
-            .count(),
+        done: p.done(),
+        total: p.total(),
+        files_done: p.files_done(),
     }
 }
 
@@ -321,140 +348,4 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
 
 fn error(status: StatusCode, error: String) -> Response {
     (status, Json(ApiError { error })).into_response()
-}
-
-/// A client for a node running on the same store.
-#[derive(Debug)]
-pub struct NodeClient {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-/// A failed API call.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// The node did not answer.
-    #[error("the node's local API at {0} does not answer: {1}")]
-    Unreachable(String, reqwest::Error),
-    /// The node answered with an error.
-    #[error("{0}")]
-    Node(String),
-}
-
-impl NodeClient {
-    /// A client for the node running on `home`, if one published its API and answers.
-    pub async fn discover(home: &std::path::Path) -> Option<Self> {
-        let info = NodeInfo::read(home)?;
-        let api = info.api?;
-        let client = Self {
-            base: format!("http://{api}"),
-            token: info.token,
-            http: reqwest::Client::new(),
-        };
-        let health = client
-            .http
-            .get(format!("{}/health", client.base))
-            .send()
-            .await;
-        health.ok()?.error_for_status().ok()?;
-        Some(client)
-    }
-
-    /// `POST /v1/add`.
-    pub async fn add(&self, req: &AddRequest) -> Result<ModelInfo, ClientError> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/add", self.base))
-            .bearer_auth(&self.token)
-            .json(req)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
-        Self::json(resp).await
-    }
-
-    /// `GET /v1/status`: version, listen address and counters.
-    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/status", self.base))
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
-        Self::json(resp).await
-    }
-
-    /// `GET /v1/peers`.
-    pub async fn peers(&self) -> Result<Vec<PeerInfo>, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/peers", self.base))
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
-        Self::json(resp).await
-    }
-
-    /// `POST /v1/fetch`: runs a fetch in the node, calling `on_line` for each line it streams.
-    pub async fn fetch(
-        &self,
-        body: &FetchBody,
-        mut on_line: impl FnMut(FetchLine),
-    ) -> Result<(), ClientError> {
-        let mut resp = self
-            .http
-            .post(format!("{}/v1/fetch", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
-        if !resp.status().is_success() {
-            return Self::json::<serde_json::Value>(resp).await.map(|_| ());
-        }
-        let mut buf = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| ClientError::Node(format!("the node's fetch stream broke: {e}")))?
-        {
-            buf.extend_from_slice(&chunk);
-            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=end).collect();
-                let line = serde_json::from_slice(&line)
-                    .map_err(|e| ClientError::Node(format!("bad line from the node: {e}")))?;
-                on_line(line);
-            }
-        }
-        Ok(())
-    }
-
-    /// `GET /v1/models`.
-    pub async fn models(&self) -> Result<Vec<ModelInfo>, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/models", self.base))
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
-        Self::json(resp).await
-    }
-
-    async fn json<T: for<'de> Deserialize<'de>>(resp: reqwest::Response) -> Result<T, ClientError> {
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Node(e.to_string()))?;
-        if status.is_success() {
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Node(e.to_string()))
-        } else {
-            let msg = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| status.to_string());
-            Err(ClientError::Node(msg))
-        }
-    }
 }

@@ -140,7 +140,7 @@ mod tests {
         assert!(lookup("nope", &aliases).is_none());
         for entry in builtin().values() {
             assert!(
-                crate::hub::RepoRef::parse(&entry.repo).is_some(),
+                crate::hf::RepoRef::parse(&entry.repo).is_some(),
                 "{}",
                 entry.repo
             );

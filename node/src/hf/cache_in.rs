@@ -13,10 +13,8 @@ use mesh_proto::{FileEntry, Manifest, RelPath, Source};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{
-    hub::{file_digest, HubFile},
-    store::{Store, StoreError},
-};
+use super::hub::{file_digest, HubFile};
+use crate::store::{Store, StoreError};
 
 /// Scans `cache` on a blocking thread; stops early when `cancel` fires.
 pub fn spawn_scan(store: Store, cache: PathBuf, cancel: CancellationToken) {

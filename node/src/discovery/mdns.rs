@@ -1,4 +1,4 @@
-//! LAN discovery with libp2p mDNS. Emits the set of peers currently seen as QUIC addresses.
+//! LAN discovery with libp2p mDNS: one source of peer addresses ([`AddrSource::Mdns`]).
 //!
 //! libp2p's mDNS advertises the swarm's *listen* addresses, and mesh moves data over its own
 //! quinn endpoint, not libp2p. So the swarm listens on TCP at the same IP and port number as the
@@ -12,9 +12,10 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use libp2p::{futures::StreamExt, mdns, multiaddr::Protocol, swarm::SwarmEvent, Multiaddr};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use super::{AddrSource, Discovery};
 
 /// mDNS query interval.
 const QUERY_INTERVAL: Duration = Duration::from_secs(2);
@@ -22,7 +23,7 @@ const QUERY_INTERVAL: Duration = Duration::from_secs(2);
 const TTL: Duration = Duration::from_secs(6);
 
 /// Peers seen on the LAN: libp2p peer id (text) -> QUIC address.
-pub type Seen = BTreeMap<String, SocketAddr>;
+type Seen = BTreeMap<String, SocketAddr>;
 
 /// Why discovery could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +37,12 @@ pub enum DiscoveryError {
     Listen(SocketAddr, String),
 }
 
-/// Starts mDNS for a node whose QUIC socket is `quic`. Returns the live set of peers.
+/// Starts mDNS for a node whose QUIC socket is `quic`; the peers it sees go into `discovery`.
 pub fn spawn(
     quic: SocketAddr,
+    discovery: Discovery,
     cancel: CancellationToken,
-) -> Result<watch::Receiver<Seen>, DiscoveryError> {
+) -> Result<(), DiscoveryError> {
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -73,8 +75,8 @@ pub fn spawn(
     swarm
         .listen_on(listen)
         .map_err(|e| DiscoveryError::Listen(quic, e.to_string()))?;
-    let (tx, rx) = watch::channel(Seen::new());
     tokio::spawn(async move {
+        let mut seen = Seen::new();
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -82,33 +84,31 @@ pub fn spawn(
             };
             match event {
                 SwarmEvent::Behaviour(mdns::Event::Discovered(found)) => {
-                    tx.send_modify(|seen| {
-                        for (peer, addr) in found {
-                            if let Some(quic) = quic_addr(&addr) {
-                                if seen.insert(peer.to_string(), quic).is_none() {
-                                    info!(%quic, "discovered peer");
-                                }
+                    for (peer, addr) in found {
+                        if let Some(quic) = quic_addr(&addr) {
+                            if seen.insert(peer.to_string(), quic).is_none() {
+                                info!(%quic, "discovered peer");
                             }
                         }
-                    });
+                    }
                 }
                 SwarmEvent::Behaviour(mdns::Event::Expired(gone)) => {
-                    tx.send_modify(|seen| {
-                        for (peer, addr) in gone {
-                            if quic_addr(&addr).is_some()
-                                && seen.remove(&peer.to_string()).is_some()
-                            {
-                                debug!(%addr, "mdns record expired");
-                            }
+                    for (peer, addr) in gone {
+                        if quic_addr(&addr).is_some() && seen.remove(&peer.to_string()).is_some() {
+                            debug!(%addr, "mdns record expired");
                         }
-                    });
+                    }
                 }
-                SwarmEvent::ListenerError { error, .. } => warn!("mdns listener: {error}"),
-                _ => {}
+                SwarmEvent::ListenerError { error, .. } => {
+                    warn!("mdns listener: {error}");
+                    continue;
+                }
+                _ => continue,
             }
+            discovery.set(AddrSource::Mdns, seen.values().copied().collect());
         }
     });
-    Ok(rx)
+    Ok(())
 }
 
 /// `/ip4/A/tcp/P` -> `A:P`, dropping loopback and anything else.

@@ -25,7 +25,11 @@ use axum::{
 use mesh_proto::{FileEntry, Manifest, ModelRef, Source};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::{api::ApiState, fetch::FetchRequest, store::blocking};
+use super::ApiState;
+use crate::{
+    fetch::{FetchRequest, Target},
+    store::blocking,
+};
 
 /// The routes, to merge into the local API.
 pub(crate) fn router() -> Router<ApiState> {
@@ -73,15 +77,16 @@ async fn local_repo(
     let req = FetchRequest {
         model: ModelRef::Name(format!("{repo}@{rev}")),
         peers: Vec::new(),
-        to: state
-            .store
-            .home()
-            .join("hf-endpoint")
-            .join(repo.replace('/', "--")),
+        targets: vec![Target::folder(
+            state
+                .store
+                .home()
+                .join("hf-endpoint")
+                .join(repo.replace('/', "--")),
+        )],
         include: path.map(|p| vec![globset_escape(p)]).unwrap_or_default(),
         exclude: Vec::new(),
         dry_run: false,
-        hf_cache: false,
     };
     if let Err(e) = state.fetcher.fetch(req, |_, _| {}).await {
         let status = match e.exit_code() {

@@ -17,6 +17,15 @@ use mesh_proto::{Manifest, Source};
 
 use crate::store::{Store, StoreError};
 
+/// Hard-links `src` to `dest`, or copies it (synced) where a link is impossible.
+pub(crate) fn link_or_copy(src: &Path, dest: &Path) -> io::Result<()> {
+    if fs::hard_link(src, dest).is_ok() {
+        return Ok(());
+    }
+    fs::copy(src, dest)?;
+    fs::File::open(dest)?.sync_all()
+}
+
 /// Why the export failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -83,9 +92,7 @@ pub fn export(
                 fs::File::create(&tmp).map_err(io(&tmp))?;
             } else {
                 let src = store.data_path(file.hash)?;
-                if fs::hard_link(&src, &tmp).is_err() {
-                    fs::copy(&src, &tmp).map_err(io(&tmp))?;
-                }
+                link_or_copy(&src, &tmp).map_err(io(&tmp))?;
             }
             fs::rename(&tmp, &blob).map_err(io(&blob))?;
         }

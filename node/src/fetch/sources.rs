@@ -1,0 +1,397 @@
+//! Where the files of a published model come from, in order: [`LocalCopies`] (the store holds
+//! a verified copy), [`PeerCopies`] (a LAN peer holds the same repo at the same commit), then
+//! the origin itself ([`HubOrigin`]: HuggingFace, its pieces split across the fleet).
+//!
+//! Each [`Source`] first claims the files it can provide (that is the `--dry-run` plan, made
+//! before any byte moves), then fetches them; a file it fails on is released, and the sources
+//! after it claim it. Whatever the source, a file is trusted only once its bytes match the
+//! hash its publisher gave (HF's sha256 or git blob id). A mirror or another registry is one
+//! more [`Source`].
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{atomic::AtomicU64, atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use mesh_proto::{FileEntry, Hash, ModelRef, RelPath, Source as ModelSource};
+use tracing::warn;
+
+use super::{ask_manifest, FetchError, Fetcher, Origin};
+use crate::{
+    hf::{
+        file_digest,
+        split::{self, HubSource},
+        Hub, HubFile, RepoInfo,
+    },
+    store::{blocking, BlobStatus, StoreError},
+    swarm::FileJob,
+};
+
+/// How long to wait for peers to show up before asking them for a published model.
+const PEER_WAIT: Duration = Duration::from_secs(2);
+
+/// A boxed future, so that sources can sit behind `dyn Source`.
+pub(super) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A file chosen for the fetch: what its publisher says, where it goes, where it comes from.
+pub(super) struct Wanted {
+    /// The file as published.
+    pub(super) file: HubFile,
+    /// Its path in the model.
+    pub(super) target: RelPath,
+    /// The source that claimed it.
+    pub(super) origin: Option<Origin>,
+    /// Its BLAKE3 root, once a verified copy is known.
+    pub(super) hash: Option<Hash>,
+    /// Verified bytes present, for progress bars.
+    pub(super) progress: Arc<AtomicU64>,
+}
+
+impl Wanted {
+    fn claim(&mut self, origin: Origin, hash: Option<Hash>) {
+        self.origin = Some(origin);
+        self.hash = hash;
+    }
+
+    /// Gives the file up: a later source claims it.
+    fn release(&mut self) {
+        self.origin = None;
+        self.hash = None;
+        self.progress.store(0, Ordering::Relaxed);
+    }
+}
+
+/// What the sources moved, for the report.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    pub(super) from_peers: u64,
+    pub(super) from_hf: u64,
+    pub(super) peers_used: Vec<SocketAddr>,
+}
+
+/// One place the files of a published model can come from.
+pub(super) trait Source: Send {
+    /// What `--dry-run` calls it.
+    fn origin(&self) -> Origin;
+
+    /// Claims the unclaimed files it can provide, before any byte moves.
+    fn claim<'a>(
+        &'a mut self,
+        fetcher: &'a Fetcher,
+        files: &'a mut [Wanted],
+    ) -> BoxFuture<'a, Result<(), FetchError>>;
+
+    /// Brings the files it claimed into the store (setting their `hash`), releasing any it
+    /// could not provide.
+    fn fetch<'a>(
+        &'a mut self,
+        fetcher: &'a Fetcher,
+        files: &'a mut [Wanted],
+        tally: &'a mut Tally,
+    ) -> BoxFuture<'a, Result<(), FetchError>>;
+}
+
+fn unclaimed(files: &mut [Wanted]) -> impl Iterator<Item = &mut Wanted> {
+    files.iter_mut().filter(|w| w.origin.is_none())
+}
+
+fn claimed_by(files: &mut [Wanted], origin: Origin) -> impl Iterator<Item = &mut Wanted> {
+    files.iter_mut().filter(move |w| w.origin == Some(origin))
+}
+
+/// Verified copies already in the store, found by published hash.
+pub(super) struct LocalCopies;
+
+impl Source for LocalCopies {
+    fn origin(&self) -> Origin {
+        Origin::Local
+    }
+
+    fn claim<'a>(
+        &'a mut self,
+        fetcher: &'a Fetcher,
+        files: &'a mut [Wanted],
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        Box::pin(async move {
+            for w in unclaimed(files) {
+                let store = fetcher.store.clone();
+                let etag = w.file.etag().to_string();
+                if let Some(hash) = blocking(move || store.blob_for_etag(&etag)).await? {
+                    w.claim(self.origin(), Some(hash));
+                    w.progress.store(w.file.size, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn fetch<'a>(
+        &'a mut self,
+        _: &'a Fetcher,
+        _: &'a mut [Wanted],
+        _: &'a mut Tally,
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        // Nothing to move.
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// LAN peers holding the same repo at the same commit: fetched through the swarm (BLAKE3
+/// verified against the peer's manifest), then checked against the published hash.
+pub(super) struct PeerCopies {
+    /// Model names to ask peers for: the name fetched under, and the repo id.
+    names: [String; 2],
+    repo: String,
+    commit: String,
+}
+
+impl PeerCopies {
+    pub(super) fn new(name: &str, info: &RepoInfo) -> Self {
+        Self {
+            names: [name.to_string(), info.repo.clone()],
+            repo: info.repo.clone(),
+            commit: info.commit.clone(),
+        }
+    }
+
+    /// Peers' copies of the repo at the commit, by published hash.
+    async fn copies(&self, fetcher: &Fetcher) -> HashMap<String, FileEntry> {
+        let mut out = HashMap::new();
+        let wait = if fetcher.discovery {
+            PEER_WAIT
+        } else {
+            Duration::ZERO
+        };
+        let deadline = Instant::now() + wait;
+        let conns = loop {
+            let conns = fetcher.peers.connections().borrow().clone();
+            if !conns.is_empty() || Instant::now() >= deadline {
+                break conns;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for conn in conns.values() {
+            for name in &self.names {
+                let Ok(model) = name.parse::<ModelRef>() else {
+                    continue;
+                };
+                let Ok(Some(manifest)) = ask_manifest(conn, &model).await else {
+                    continue;
+                };
+                let ModelSource::HuggingFace { repo, commit } = manifest.source() else {
+                    continue;
+                };
+                if *repo == self.repo && *commit == self.commit {
+                    for f in manifest.files() {
+                        if let Some(etag) = &f.etag {
+                            out.insert(etag.clone(), f.clone());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the store's copy of `hash` matches the published hash of `file`; a copy that
+    /// doesn't is dropped from the store.
+    async fn check(fetcher: &Fetcher, hash: Hash, file: &HubFile) -> Result<bool, FetchError> {
+        let store = fetcher.store.clone();
+        let file = file.clone();
+        Ok(blocking(move || {
+            let Ok(path) = store.data_path(hash) else {
+                return Ok(false);
+            };
+            let digest = file_digest(&path, &file).map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if digest == file.etag() {
+                store.record_etag(file.etag(), hash)?;
+                Ok(true)
+            } else {
+                // A peer relayed bytes that hash to its BLAKE3 root but not to the publisher's
+                // hash: never trust that blob.
+                store.forget_blob(hash)?;
+                Ok(false)
+            }
+        })
+        .await?)
+    }
+}
+
+impl Source for PeerCopies {
+    fn origin(&self) -> Origin {
+        Origin::Peer
+    }
+
+    fn claim<'a>(
+        &'a mut self,
+        fetcher: &'a Fetcher,
+        files: &'a mut [Wanted],
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        Box::pin(async move {
+            if unclaimed(files).next().is_none() {
+                return Ok(());
+            }
+            let copies = self.copies(fetcher).await;
+            for w in unclaimed(files) {
+                if let Some(entry) = copies.get(w.file.etag()) {
+                    if entry.size == w.file.size {
+                        w.claim(self.origin(), Some(entry.hash));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn fetch<'a>(
+        &'a mut self,
+        fetcher: &'a Fetcher,
+        files: &'a mut [Wanted],
+        tally: &'a mut Tally,
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        Box::pin(async move {
+            let origin = self.origin();
+            if claimed_by(files, origin).next().is_none() {
+                return Ok(());
+            }
+            let received_before = fetcher.metrics.bytes_received.load(Ordering::Relaxed);
+            let mut jobs = Vec::new();
+            for w in claimed_by(files, origin) {
+                let (hash, size) = (w.hash.expect("claimed peer files have a hash"), w.file.size);
+                let store = fetcher.store.clone();
+                if size == 0
+                    || blocking(move || store.status(hash, size)).await? == BlobStatus::Complete
+                {
+                    continue;
+                }
+                let store = fetcher.store.clone();
+                let partial = blocking(move || store.partial(hash, size)).await?;
+                jobs.push(FileJob {
+                    path: w.target.clone(),
+                    partial,
+                    progress: w.progress.clone(),
+                });
+            }
+            match fetcher.swarm_download(jobs).await? {
+                Ok(used) => tally.peers_used = used,
+                Err(e) => warn!("peers could not provide everything, using HuggingFace: {e}"),
+            }
+            for w in claimed_by(files, origin) {
+                let hash = w.hash.expect("claimed peer files have a hash");
+                if !Self::check(fetcher, hash, &w.file).await? {
+                    warn!(path = %w.target, "peer copy missing or does not match HuggingFace's hash: fetching from HuggingFace");
+                    w.release();
+                }
+            }
+            tally.from_peers =
+                fetcher.metrics.bytes_received.load(Ordering::Relaxed) - received_before;
+            Ok(())
+        })
+    }
+}
+
+/// HuggingFace itself: alone, one resumable download per file; with peers, the fleet splits
+/// each file's pieces ([`split`]).
+pub(super) struct HubOrigin {
+    hub: Hub,
+    info: RepoInfo,
+}
+
+impl HubOrigin {
+    pub(super) fn new(hub: Hub, info: RepoInfo) -> Self {
+        Self { hub, info }
+    }
+
+    /// Downloads one file into its part file; returns the bytes that came from HuggingFace.
+    async fn download(&self, fetcher: &Fetcher, w: &Wanted) -> Result<u64, FetchError> {
+        let part = fetcher.store.hub_part_path(w.file.etag());
+        let (repo, commit) = (&self.info.repo, &self.info.commit);
+        if fetcher.peers.connections().borrow().is_empty() {
+            // Alone: one resumable download (a re-run continues where this one stopped).
+            let before = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+            self.hub
+                .download(repo, commit, &w.file, &part, w.progress.clone())
+                .await?;
+            return Ok(w.file.size - before);
+        }
+        // With peers: split the HF work with any peer assembling the same file.
+        let partial = fetcher
+            .store
+            .piece_files()
+            .open(
+                w.file.etag(),
+                w.file.size,
+                &part,
+                fetcher.node_id,
+                self.info.restricted,
+            )
+            .map_err(|source| StoreError::Io {
+                path: part.clone(),
+                source,
+            })?;
+        let src = HubSource {
+            hub: &self.hub,
+            repo,
+            commit,
+            file: &w.file,
+        };
+        let conns = fetcher.peers.connections();
+        let from_hf = split::download(src, partial.clone(), conns, w.progress.clone()).await?;
+        // Keep serving its pieces to peers still assembling it.
+        fetcher
+            .assembled
+            .lock()
+            .expect("assembled lock poisoned")
+            .push(partial);
+        Ok(from_hf)
+    }
+}
+
+impl Source for HubOrigin {
+    fn origin(&self) -> Origin {
+        Origin::Hf
+    }
+
+    fn claim<'a>(
+        &'a mut self,
+        _: &'a Fetcher,
+        files: &'a mut [Wanted],
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        let origin = self.origin();
+        for w in unclaimed(files) {
+            w.claim(origin, None);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn fetch<'a>(
+        &'a mut self,
+        fetcher: &'a Fetcher,
+        files: &'a mut [Wanted],
+        tally: &'a mut Tally,
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        Box::pin(async move {
+            for w in claimed_by(files, self.origin()) {
+                tally.from_hf += self.download(fetcher, w).await?;
+                let part = fetcher.store.hub_part_path(w.file.etag());
+                let store = fetcher.store.clone();
+                let etag = w.file.etag().to_string();
+                let hash = blocking(move || {
+                    let (hash, _) = store.import_owned(&part)?;
+                    store.record_etag(&etag, hash)?;
+                    Ok(hash)
+                })
+                .await?;
+                w.hash = Some(hash);
+            }
+            Ok(())
+        })
+    }
+}
