@@ -4,4 +4,5 @@
 //! README.md for the one command that builds it and runs them.
 
 pub mod netlab;
+pub mod prereq;
 pub mod util;

@@ -19,11 +19,6 @@ pub struct NetLab {
 
 /// Whether this process can build a lab (root, with `ip` and `tc`). Prints why not.
 pub fn available() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
     let tools = ["ip", "tc"].iter().all(|t| {
         Command::new(t)
             .arg("-V")
@@ -31,12 +26,7 @@ pub fn available() -> bool {
             .map(|o| o.status.success())
             .unwrap_or(false)
     });
-    if !root || !tools {
-        eprintln!(
-            "netlab unavailable: root={root}, ip+tc present={tools}; namespace tests are SKIPPED"
-        );
-    }
-    root && tools
+    crate::prereq::is_root() && tools
 }
 
 impl NetLab {

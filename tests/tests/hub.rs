@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use mesh_tests::util::*;
+use mesh_tests::{prereq, util::*};
 
 const REPO: &str = "stabilityai/stable-diffusion-3.5-large";
 
@@ -46,19 +46,9 @@ fn serve_gated(tmp: &Path, repo: &Path) -> FakeHub {
     FakeHub::start(tmp, None, "127.0.0.1", &args).unwrap()
 }
 
-/// Whether python3 can import huggingface_hub; says SKIPPED for `test` when not.
+/// Whether python3 can import huggingface_hub (see `prereq`).
 fn has_huggingface_hub(test: &str) -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import huggingface_hub"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!(
-            "SKIPPED {test}: python3 with huggingface_hub is missing (scripts/test installs it)"
-        );
-    }
-    ok
+    prereq::python(test, &["huggingface_hub"])
 }
 
 fn total_size(dir: &Path) -> u64 {

@@ -1,17 +1,17 @@
 //! Issue B end to end: real `mesh node` processes on network-namespace hosts, found by mDNS,
 //! swarming one model. Each test builds its own lab (own prefix and subnet) and tears it down
-//! even when it fails. Without root, `ip` and `tc` they print SKIPPED and pass nothing.
+//! even when it fails. Without root, `ip` and `tc` they fail in CI and are skipped elsewhere
+//! (`mesh_tests::prereq`).
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{netlab, netlab::NetLab, util::*};
+use mesh_tests::{netlab::NetLab, prereq, util::*};
 
 const KEY: Option<&str> = Some("swarm-test-key");
 const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn lab(prefix: &str, subnet: u8, hosts: usize, rate: Option<&str>) -> Option<NetLab> {
-    if !netlab::available() {
-        eprintln!("SKIPPED: {prefix} needs root, ip and tc for network namespaces");
+    if !prereq::netns(&format!("the swarm test on lab {prefix}")) {
         return None;
     }
     Some(NetLab::up(prefix, &format!("10.81.{subnet}"), hosts, rate).expect("lab comes up"))

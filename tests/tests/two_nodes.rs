@@ -2,7 +2,7 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::util::*;
+use mesh_tests::{prereq, util::*};
 
 const KEY: Option<&str> = Some("test-mesh-key");
 
@@ -366,10 +366,7 @@ fn clear_errors_for_bad_targets_and_unknown_models() {
 /// Fills a small tmpfs store so the free-space check must refuse before any byte moves.
 #[test]
 fn not_enough_disk_is_refused_before_starting() {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED not_enough_disk_is_refused_before_starting: needs root to mount a tmpfs"
-        );
+    if !prereq::root("not_enough_disk_is_refused_before_starting") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -402,12 +399,4 @@ fn not_enough_disk_is_refused_before_starting() {
     assert_eq!(run.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&run.stderr).contains("not enough free disk space"));
     assert_eq!(seed.counter("mesh_bytes_sent_total"), 0);
-}
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
