@@ -4,7 +4,9 @@
 //! panics.
 //!
 //! Host `i` (1-based) is namespace `{prefix}-h{i}` with address `{net}.{i}/24`; the bridge lives
-//! in `{prefix}-sw`. Give every concurrent lab its own prefix and net.
+//! in `{prefix}-sw`. Give every concurrent lab its own prefix. Labs never share a bridge, so
+//! their nets may overlap. `MESH_NETLAB_TAG` (a letter or two) is put in front of every
+//! prefix, so that two checkouts can run their namespace tests on one machine at once.
 
 use std::process::Command;
 
@@ -32,6 +34,13 @@ pub fn available() -> bool {
 impl NetLab {
     /// Builds `hosts` hosts at `rate` (tc syntax, e.g. `50mbit`); `None` leaves links unshaped.
     pub fn up(prefix: &str, net: &str, hosts: usize, rate: Option<&str>) -> Result<Self> {
+        let tag = std::env::var("MESH_NETLAB_TAG").unwrap_or_default();
+        if tag.len() > 2 || !tag.chars().all(|c| c.is_ascii_lowercase()) {
+            bail!(
+                "MESH_NETLAB_TAG must be one or two lowercase letters (interface names are short)"
+            );
+        }
+        let prefix = &format!("{tag}{prefix}");
         let lab = Self {
             prefix: prefix.to_string(),
             net: net.to_string(),
