@@ -714,7 +714,7 @@ fn wrong_relayed_hf_bytes_are_caught_by_sha256() {
     assert!(run.status.success(), "the honest node's fetch failed");
     assert_same_tree(&repo, &honest.home.join("out"));
     assert!(
-        honest.log().contains("does not match HF's hash"),
+        honest.log().contains("does not match its published hash"),
         "the bad relay was not caught: {}",
         honest.log()
     );

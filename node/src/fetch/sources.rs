@@ -22,13 +22,9 @@ use tracing::warn;
 
 use super::{ask_manifest, FetchError, Fetcher, Origin};
 use crate::{
-    hf::{
-        file_digest,
-        split::{self, HubSource},
-        Hub, HubFile, RepoInfo,
-    },
+    hf::{Hub, HubError, HubFile, HubRange, RepoInfo},
     store::{blocking, BlobStatus, StoreError},
-    swarm::FileJob,
+    swarm::{origin, FileJob},
 };
 
 /// How long to wait for peers to show up before asking them for a published model.
@@ -206,10 +202,13 @@ impl PeerCopies {
             let Ok(path) = store.data_path(hash) else {
                 return Ok(false);
             };
-            let digest = file_digest(&path, &file).map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let digest = file
+                .published()
+                .of_file(&path)
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
             if digest == file.etag() {
                 store.record_etag(file.etag(), hash)?;
                 Ok(true)
@@ -298,7 +297,7 @@ impl Source for PeerCopies {
 }
 
 /// HuggingFace itself: alone, one resumable download per file; with peers, the fleet splits
-/// each file's pieces ([`split`]).
+/// each file's pieces ([`origin`]).
 pub(super) struct HubOrigin {
     hub: Hub,
     info: RepoInfo,
@@ -336,14 +335,17 @@ impl HubOrigin {
                 path: part.clone(),
                 source,
             })?;
-        let src = HubSource {
-            hub: &self.hub,
-            repo,
-            commit,
-            file: &w.file,
+        let range = HubRange {
+            hub: self.hub.clone(),
+            repo: repo.clone(),
+            commit: commit.clone(),
+            file: w.file.clone(),
         };
         let conns = fetcher.peers.connections();
-        let from_hf = split::download(src, partial.clone(), conns, w.progress.clone()).await?;
+        let file = range.origin_file();
+        let from_hf = origin::download(&range, &file, partial.clone(), conns, w.progress.clone())
+            .await
+            .map_err(HubError::from)?;
         // Keep serving its pieces to peers still assembling it.
         fetcher
             .assembled

@@ -13,7 +13,7 @@ use mesh_proto::{FileEntry, Manifest, RelPath, Source};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::hub::{file_digest, HubFile};
+use super::hub::HubFile;
 use crate::store::{Store, StoreError};
 
 /// Scans `cache` on a blocking thread; stops early when `cancel` fires.
@@ -112,10 +112,14 @@ fn import_snapshot(
         let hash = match store.blob_for_etag(&etag)? {
             Some(hash) => hash,
             None => {
-                let digest = file_digest(&blob, &hub_file).map_err(|source| StoreError::Io {
-                    path: blob.clone(),
-                    source,
-                })?;
+                let digest =
+                    hub_file
+                        .published()
+                        .of_file(&blob)
+                        .map_err(|source| StoreError::Io {
+                            path: blob.clone(),
+                            source,
+                        })?;
                 if digest != etag {
                     warn!(path = %blob.display(), "HF cache blob does not match its name: skipped");
                     continue;

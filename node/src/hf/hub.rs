@@ -8,7 +8,7 @@
 //! redirect leaves the Hub's origin (LFS files live on a CDN).
 
 use std::{
-    io::{Read, Write},
+    io::Write,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -17,7 +17,11 @@ use std::{
 };
 
 use serde::Deserialize;
-use sha1::Digest as _;
+
+use crate::{
+    store::digest::Published,
+    swarm::origin::{OriginFile, RangeOrigin, SplitError},
+};
 
 /// The public Hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -122,6 +126,14 @@ impl HubFile {
     /// blob id.
     pub fn etag(&self) -> &str {
         self.sha256.as_deref().unwrap_or(&self.git_oid)
+    }
+
+    /// The hash the Hub publishes the file under (what [`HubFile::etag`] names).
+    pub fn published(&self) -> Published {
+        match &self.sha256 {
+            Some(sha) => Published::Sha256(sha.clone()),
+            None => Published::GitBlob(self.git_oid.clone()),
+        }
     }
 }
 
@@ -404,7 +416,7 @@ impl Hub {
         }
         let part_owned = part.to_path_buf();
         let expected = file.clone();
-        let actual = tokio::task::spawn_blocking(move || file_digest(&part_owned, &expected))
+        let actual = tokio::task::spawn_blocking(move || expected.published().of_file(&part_owned))
             .await
             .expect("hash task panicked")
             .map_err(io)?;
@@ -420,27 +432,55 @@ impl Hub {
     }
 }
 
-/// The hash a file is published under: sha256 for LFS files, git blob sha1 otherwise.
-pub fn file_digest(path: &Path, file: &HubFile) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    if file.sha256.is_some() {
-        digest_of(&mut f, sha2::Sha256::new())
-    } else {
-        let mut git = sha1::Sha1::new();
-        git.update(format!("blob {}\0", f.metadata()?.len()).as_bytes());
-        digest_of(&mut f, git)
+/// One file at one commit, as a range origin for the fleet split.
+#[derive(Clone, Debug)]
+pub struct HubRange {
+    /// The client.
+    pub hub: Hub,
+    /// `org/name`.
+    pub repo: String,
+    /// The commit.
+    pub commit: String,
+    /// The file.
+    pub file: HubFile,
+}
+
+impl HubRange {
+    /// The file as the fleet split sees it.
+    pub fn origin_file(&self) -> OriginFile {
+        OriginFile {
+            name: self.file.path.clone(),
+            size: self.file.size,
+            published: self.file.published(),
+        }
     }
 }
 
-/// Feeds a whole file to `hasher` and returns the hex digest.
-fn digest_of<D: sha1::Digest>(f: &mut std::fs::File, mut hasher: D) -> std::io::Result<String> {
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
+impl RangeOrigin for HubRange {
+    type Error = HubError;
+
+    async fn fetch_range(&self, start: u64, len: u64) -> Result<Vec<u8>, HubError> {
+        self.hub
+            .download_range(&self.repo, &self.commit, &self.file, start, len)
+            .await
+    }
+}
+
+impl From<SplitError<Self>> for HubError {
+    fn from(e: SplitError<Self>) -> Self {
+        match e {
+            SplitError::Origin(e) => e,
+            SplitError::Io { path, source } => Self::Io { path, source },
+            SplitError::Mismatch {
+                name,
+                expected,
+                actual,
+            } => Self::Mismatch {
+                path: name,
+                expected,
+                actual,
+            },
         }
-        hasher.update(&buf[..n]);
     }
 }
 

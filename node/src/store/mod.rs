@@ -16,6 +16,7 @@
 //! needs no actor; the only lock is the map of live partial blobs.
 
 mod db;
+pub mod digest;
 mod import;
 mod partial;
 pub mod pieces;

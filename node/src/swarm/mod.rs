@@ -9,7 +9,9 @@
 //! - [`policy`]: every decision (which block from which peer, when to duplicate, whom to ban),
 //!   as a state machine with no I/O, unit-tested with explicit time;
 //! - [`driver`]: the async side, which runs subscriptions and requests over the peers'
-//!   connections and feeds the policy.
+//!   connections and feeds the policy;
+//! - [`origin`]: the other scheduler, for a file that comes from outside the mesh: the nodes
+//!   fetching it split the origin's pieces between them and swap the rest.
 //!
 //! Blocks are smaller than the 1 MiB pieces of the design because blocks held whole are still
 //! store-and-forward: every hop waits for the whole block (ARCHITECTURE.md has the
@@ -17,6 +19,7 @@
 
 mod driver;
 pub(crate) mod layout;
+pub mod origin;
 mod policy;
 
 use std::{

@@ -1,15 +1,18 @@
-//! Once per fleet: nodes that fetch the same HuggingFace file at the same time split the HF
-//! work by pieces and swap the rest among themselves, so each byte crosses the internet once.
+//! Once per fleet: nodes that fetch the same file from an origin outside the mesh (HuggingFace,
+//! a registry) at the same time split the origin's work by pieces and swap the rest among
+//! themselves, so each byte crosses the internet once.
 //!
 //! Until the whole file is there its BLAKE3 root is unknown, so pieces travel raw
 //! (`transfer::pieces`), and only between mesh members (every connection is authenticated).
 //! Each node advertises the pieces it holds and is fetching, with a random node id. A piece
-//! nobody holds or fetches goes to HuggingFace from exactly one node: the one whose id wins a
+//! nobody holds or fetches goes to the origin from exactly one node: the one whose id wins a
 //! rendezvous hash for that piece among the nodes assembling the file (a piece whose owner
 //! vanished, or that stays unclaimed for [`CLAIM_WAIT`], is taken by anyone). When all pieces
-//! are there the whole file is checked against HF's sha256 (or git blob id); on a mismatch the
-//! pieces that came from peers are dropped, those peers are banned for this file, and the
-//! pieces are fetched from HuggingFace instead.
+//! are there the whole file is checked against its published hash; on a mismatch the pieces
+//! that came from peers are dropped, those peers are banned for this file, and the pieces are
+//! fetched from the origin instead.
+//!
+//! An origin is anything that serves byte ranges of a file ([`RangeOrigin`]).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,27 +24,31 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::{future::Future, path::PathBuf};
+
 use tokio::{
     sync::{mpsc, watch},
     task::{AbortHandle, JoinSet},
 };
 use tracing::{debug, warn};
 
-use super::hub::{file_digest, Hub, HubError, HubFile};
+use super::rendezvous;
 use crate::{
     discovery::Connections,
-    store::pieces::{piece_bounds, piece_count, PieceFile},
-    swarm::rendezvous,
+    store::{
+        digest::Published,
+        pieces::{piece_bounds, piece_count, PieceFile},
+    },
     transfer::pieces::{get_piece, subscribe, PieceError, PieceNews},
 };
 
 /// Pieces in flight to one peer.
 const PEER_REQUESTS: usize = 4;
-/// Range requests in flight to HuggingFace.
-const HUB_REQUESTS: usize = 4;
+/// Range requests in flight to the origin.
+const ORIGIN_REQUESTS: usize = 4;
 /// A piece still unclaimed this long after the download started may be taken by anyone.
 const CLAIM_WAIT: Duration = Duration::from_secs(5);
-/// Wait this long for other nodes to announce themselves before the first HF request.
+/// Wait this long for other nodes to announce themselves before the first origin request.
 const SETTLE: Duration = Duration::from_millis(500);
 /// How soon a peer that had nothing (yet) is asked again.
 const RESUBSCRIBE: Duration = Duration::from_millis(100);
@@ -56,7 +63,7 @@ struct PeerView {
     banned: bool,
 }
 
-enum Event {
+enum Event<E> {
     Have {
         peer: SocketAddr,
         news: PieceNews,
@@ -69,34 +76,77 @@ enum Event {
         peer: SocketAddr,
         result: Result<Vec<u8>, PieceError>,
     },
-    FromHub {
+    FromOrigin {
         piece: usize,
-        result: Result<Vec<u8>, HubError>,
+        result: Result<Vec<u8>, E>,
     },
 }
 
-/// Where a HuggingFace file is assembled from.
-pub struct HubSource<'a> {
-    /// The Hub client.
-    pub hub: &'a Hub,
-    /// `org/name`.
-    pub repo: &'a str,
-    /// The commit.
-    pub commit: &'a str,
-    /// The file.
-    pub file: &'a HubFile,
+/// A place outside the mesh that serves byte ranges of one file (a HuggingFace file at a
+/// commit, a registry blob).
+pub trait RangeOrigin: Clone + Send + Sync + 'static {
+    /// Why a range failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The file's bytes `start..start + len`.
+    fn fetch_range(
+        &self,
+        start: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, Self::Error>> + Send;
 }
 
-/// Assembles `src.file` into `partial` from peers and HuggingFace, then checks it. Returns the
-/// bytes that came from HuggingFace.
-pub async fn download(
-    src: HubSource<'_>,
+/// The file being assembled, as its publisher describes it.
+#[derive(Clone, Debug)]
+pub struct OriginFile {
+    /// Its name, for logs and errors.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The hash it must match.
+    pub published: Published,
+}
+
+/// Why assembling a file failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SplitError<E> {
+    /// The origin failed.
+    #[error(transparent)]
+    Origin(E),
+    /// Local file I/O.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The assembled bytes (all from the origin) do not match the published hash.
+    #[error(
+        "{name} does not match its published hash (expected {expected}, got {actual}); discarded"
+    )]
+    Mismatch {
+        /// The file.
+        name: String,
+        /// The published hash.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+}
+
+/// Assembles `file` into `partial` from peers and `origin`, then checks it. Returns the bytes
+/// that came from the origin.
+pub async fn download<O: RangeOrigin>(
+    origin: &O,
+    file: &OriginFile,
     partial: Arc<PieceFile>,
     mut conns: watch::Receiver<Connections>,
     progress: Arc<AtomicU64>,
-) -> Result<u64, HubError> {
+) -> Result<u64, SplitError<O::Error>> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut assembly = Assembly::new(src, partial, tx);
+    let mut assembly = Assembly::new(origin, file, partial, tx);
     let mut retry_subs = tokio::time::interval(RESUBSCRIBE);
     assembly.sync(&conns.borrow_and_update().clone());
     loop {
@@ -124,37 +174,40 @@ pub async fn download(
 }
 
 /// One file being assembled.
-struct Assembly<'a> {
-    src: HubSource<'a>,
+struct Assembly<'a, O: RangeOrigin> {
+    origin: &'a O,
+    file: &'a OriginFile,
     partial: Arc<PieceFile>,
     pieces: usize,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<Event<O::Error>>,
     peers: HashMap<SocketAddr, PeerView>,
     /// Subscription tasks, by peer.
     subs: HashMap<SocketAddr, AbortHandle>,
     tasks: JoinSet<()>,
     started: Instant,
-    hub_in_flight: usize,
+    origin_in_flight: usize,
     in_flight: HashSet<usize>,
-    from_hf: u64,
+    from_origin: u64,
     /// This node's walk through the pieces: its own random order, so nodes that don't see
     /// each other yet rarely pick the same piece.
     order: Vec<usize>,
 }
 
-impl<'a> Assembly<'a> {
+impl<'a, O: RangeOrigin> Assembly<'a, O> {
     fn new(
-        src: HubSource<'a>,
+        origin: &'a O,
+        file: &'a OriginFile,
         partial: Arc<PieceFile>,
-        events: mpsc::UnboundedSender<Event>,
+        events: mpsc::UnboundedSender<Event<O::Error>>,
     ) -> Self {
-        let pieces = piece_count(src.file.size);
+        let pieces = piece_count(file.size);
         let mut order: Vec<usize> = (0..pieces).collect();
         for i in (1..order.len()).rev() {
             order.swap(i, rand::random_range(0..=i));
         }
         Self {
-            src,
+            origin,
+            file,
             partial,
             pieces,
             events,
@@ -162,9 +215,9 @@ impl<'a> Assembly<'a> {
             subs: HashMap::new(),
             tasks: JoinSet::new(),
             started: Instant::now(),
-            hub_in_flight: 0,
+            origin_in_flight: 0,
             in_flight: HashSet::new(),
-            from_hf: 0,
+            from_origin: 0,
             order,
         }
     }
@@ -176,7 +229,7 @@ impl<'a> Assembly<'a> {
                 continue;
             }
             let (conn, peer, events) = (conn.clone(), *addr, self.events.clone());
-            let (etag, size) = (self.partial.etag().to_string(), self.src.file.size);
+            let (etag, size) = (self.partial.etag().to_string(), self.file.size);
             let handle = self.tasks.spawn(async move {
                 let news = |news| events.send(Event::Have { peer, news }).is_ok();
                 if let Err(e) = subscribe(&conn, etag, size, news).await {
@@ -195,41 +248,41 @@ impl<'a> Assembly<'a> {
         let state = self.partial.state();
         (0..self.pieces)
             .filter(|&p| state.have[p])
-            .map(|p| piece_bounds(self.src.file.size, p).1)
+            .map(|p| piece_bounds(self.file.size, p).1)
             .sum()
     }
 
     /// When every piece is here: checks the file against its published hash. `None` while
     /// pieces are missing or a mismatch sent us back for pieces from HuggingFace.
-    async fn check_if_whole(&mut self) -> Option<Result<u64, HubError>> {
+    async fn check_if_whole(&mut self) -> Option<Result<u64, SplitError<O::Error>>> {
         let whole = self.partial.state().have.iter().all(|h| *h);
         if !whole || !self.in_flight.is_empty() {
             return None;
         }
         let path = self.partial.path().to_path_buf();
-        let file = self.src.file.clone();
-        let digest = tokio::task::spawn_blocking(move || file_digest(&path, &file))
+        let published = self.file.published.clone();
+        let digest = tokio::task::spawn_blocking(move || published.of_file(&path))
             .await
             .expect("hash task panicked");
         let digest = match digest {
             Ok(digest) => digest,
             Err(source) => {
                 let path = self.partial.path().to_path_buf();
-                return Some(Err(HubError::Io { path, source }));
+                return Some(Err(SplitError::Io { path, source }));
             }
         };
-        if digest == self.src.file.etag() {
-            return Some(Ok(self.from_hf));
+        if digest == self.file.published.hex() {
+            return Some(Ok(self.from_origin));
         }
         let culprits = self.partial.drop_pieces_from_peers();
         if culprits.is_empty() {
-            return Some(Err(HubError::Mismatch {
-                path: self.src.file.path.clone(),
-                expected: self.src.file.etag().to_string(),
+            return Some(Err(SplitError::Mismatch {
+                name: self.file.name.clone(),
+                expected: self.file.published.hex().to_string(),
                 actual: digest,
             }));
         }
-        warn!(path = %self.src.file.path, ?culprits, "assembled file does not match HF's hash: dropping pieces from peers and banning them");
+        warn!(file = %self.file.name, ?culprits, "assembled file does not match its published hash: dropping pieces from peers and banning them");
         for c in culprits {
             if let Some(view) = self.peers.get_mut(&c) {
                 view.banned = true;
@@ -238,8 +291,8 @@ impl<'a> Assembly<'a> {
         None
     }
 
-    /// Starts fetching every piece we may fetch now: from a peer that has it, else from
-    /// HuggingFace if it is ours (or unclaimed for long enough).
+    /// Starts fetching every piece we may fetch now: from a peer that has it, else from the
+    /// origin if it is ours (or unclaimed for long enough).
     fn assign(&mut self, conns: &Connections) {
         let state = self.partial.state();
         let mut ids: Vec<u64> = self
@@ -269,7 +322,7 @@ impl<'a> Assembly<'a> {
                 .peers
                 .values()
                 .any(|v| !v.banned && (v.have.contains(&p) || v.pending.contains(&p)));
-            if held_elsewhere || !settled || self.hub_in_flight >= HUB_REQUESTS {
+            if held_elsewhere || !settled || self.origin_in_flight >= ORIGIN_REQUESTS {
                 continue;
             }
             let owner = ids
@@ -280,7 +333,7 @@ impl<'a> Assembly<'a> {
             if owner != self.partial.node() && self.started.elapsed() < CLAIM_WAIT {
                 continue;
             }
-            self.ask_hub(p);
+            self.ask_origin(p);
         }
     }
 
@@ -302,22 +355,20 @@ impl<'a> Assembly<'a> {
         });
     }
 
-    fn ask_hub(&mut self, piece: usize) {
-        self.hub_in_flight += 1;
+    fn ask_origin(&mut self, piece: usize) {
+        self.origin_in_flight += 1;
         self.in_flight.insert(piece);
         self.partial.set_pending(piece, true);
         let events = self.events.clone();
-        let hub = self.src.hub.clone();
-        let (repo, commit) = (self.src.repo.to_string(), self.src.commit.to_string());
-        let file = self.src.file.clone();
+        let origin = self.origin.clone();
+        let (start, len) = piece_bounds(self.file.size, piece);
         self.tasks.spawn(async move {
-            let (start, len) = piece_bounds(file.size, piece);
-            let result = hub.download_range(&repo, &commit, &file, start, len).await;
-            let _ = events.send(Event::FromHub { piece, result });
+            let result = origin.fetch_range(start, len).await;
+            let _ = events.send(Event::FromOrigin { piece, result });
         });
     }
 
-    fn handle(&mut self, event: Event) -> Result<(), HubError> {
+    fn handle(&mut self, event: Event<O::Error>) -> Result<(), SplitError<O::Error>> {
         match event {
             Event::Have { peer, news } => {
                 if let Some(view) = self.peers.get_mut(&peer) {
@@ -349,21 +400,29 @@ impl<'a> Assembly<'a> {
                     }
                 }
             }
-            Event::FromHub { piece, result } => {
+            Event::FromOrigin { piece, result } => {
                 self.in_flight.remove(&piece);
-                self.hub_in_flight -= 1;
-                let bytes = result.inspect_err(|_| self.partial.set_pending(piece, false))?;
+                self.origin_in_flight -= 1;
+                let bytes = result.map_err(|e| {
+                    self.partial.set_pending(piece, false);
+                    SplitError::Origin(e)
+                })?;
                 self.store(piece, &bytes, None)?;
-                self.from_hf += bytes.len() as u64;
+                self.from_origin += bytes.len() as u64;
             }
         }
         Ok(())
     }
 
-    fn store(&self, piece: usize, bytes: &[u8], from: Option<SocketAddr>) -> Result<(), HubError> {
+    fn store(
+        &self,
+        piece: usize,
+        bytes: &[u8],
+        from: Option<SocketAddr>,
+    ) -> Result<(), SplitError<O::Error>> {
         self.partial
             .store_piece(piece, bytes, from)
-            .map_err(|source| HubError::Io {
+            .map_err(|source| SplitError::Io {
                 path: self.partial.path().to_path_buf(),
                 source,
             })

@@ -1,0 +1,71 @@
+//! The hashes publishers name files by: a sha256 (HuggingFace LFS files, OCI and Ollama
+//! blobs) or a git blob id (sha1 over `blob <len>\0` and the bytes: HuggingFace's small files).
+//! A file from outside the mesh is trusted only once its bytes hash to what its publisher
+//! says; the store then records the published hash next to the file's BLAKE3 root.
+
+use std::{io::Read, path::Path};
+
+use sha1::Digest as _;
+
+/// A file's published hash.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Published {
+    /// A sha256 of the bytes (lowercase hex).
+    Sha256(String),
+    /// A git blob id (lowercase hex).
+    GitBlob(String),
+}
+
+impl Published {
+    /// The hex digest: what HuggingFace clients key their cache on (the "etag").
+    pub fn hex(&self) -> &str {
+        match self {
+            Self::Sha256(h) | Self::GitBlob(h) => h,
+        }
+    }
+
+    /// The same kind of hash over the file at `path`, as hex.
+    pub fn of_file(&self, path: &Path) -> std::io::Result<String> {
+        let mut f = std::fs::File::open(path)?;
+        match self {
+            Self::Sha256(_) => digest_of(&mut f, sha2::Sha256::new()),
+            Self::GitBlob(_) => {
+                let mut git = sha1::Sha1::new();
+                git.update(format!("blob {}\0", f.metadata()?.len()).as_bytes());
+                digest_of(&mut f, git)
+            }
+        }
+    }
+}
+
+/// Feeds a whole file to `hasher` and returns the hex digest.
+fn digest_of<D: sha1::Digest>(f: &mut std::fs::File, mut hasher: D) -> std::io::Result<String> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_and_git_blob_ids_match_known_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"hello\n").unwrap();
+        // `printf 'hello\n' | sha256sum` and `git hash-object`.
+        let sha = Published::Sha256(String::new()).of_file(&path).unwrap();
+        assert_eq!(
+            sha,
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+        );
+        let git = Published::GitBlob(String::new()).of_file(&path).unwrap();
+        assert_eq!(git, "ce013625030ba8dba906f756967f9e9ca394464a");
+    }
+}
