@@ -21,12 +21,45 @@ pub struct Metrics {
     pub source_corrupt: AtomicU64,
     /// Pieces from peers that failed verification.
     pub verify_failures: AtomicU64,
+    /// File bytes downloaded from HuggingFace.
+    pub bytes_from_hf: AtomicU64,
+    /// File bytes sent to clients of the HF-compatible endpoint.
+    pub bytes_served_hf_endpoint: AtomicU64,
+    /// Requests to the HF-compatible endpoint, by answer ([`HF_STATUSES`], then "other").
+    pub hf_requests: [AtomicU64; HF_STATUSES.len() + 1],
 }
+
+/// The statuses the HF endpoint's requests are counted by (a bounded label set).
+pub const HF_STATUSES: [u16; 11] = [200, 206, 302, 400, 401, 403, 404, 416, 500, 502, 503];
 
 impl Metrics {
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts bytes downloaded from HuggingFace.
+    pub fn add_from_hf(&self, n: u64) {
+        Self::add(&self.bytes_from_hf, n);
+    }
+
+    /// Counts one answer of the HF endpoint.
+    pub fn count_hf_request(&self, status: u16) {
+        let i = HF_STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .unwrap_or(HF_STATUSES.len());
+        Self::add(&self.hf_requests[i], 1);
+    }
+
+    /// HF endpoint requests by status, as (label, count).
+    pub fn hf_requests(&self) -> Vec<(String, u64)> {
+        let label = |i: usize| HF_STATUSES.get(i).map_or("other".into(), |s| s.to_string());
+        self.hf_requests
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (label(i), c.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// The counters as (name, help, value).
@@ -73,6 +106,16 @@ impl Metrics {
                 "Received pieces that failed verification.",
                 get(&self.verify_failures),
             ),
+            (
+                "mesh_bytes_from_hf_total",
+                "File bytes downloaded from HuggingFace.",
+                get(&self.bytes_from_hf),
+            ),
+            (
+                "mesh_bytes_served_hf_endpoint_total",
+                "File bytes sent to clients of the HF-compatible endpoint.",
+                get(&self.bytes_served_hf_endpoint),
+            ),
         ]
     }
 
@@ -83,6 +126,13 @@ impl Metrics {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
             ));
+        }
+        let name = "mesh_hf_endpoint_requests_total";
+        out.push_str(&format!(
+            "# HELP {name} Requests to the HF-compatible endpoint, by status.\n# TYPE {name} counter\n"
+        ));
+        for (status, value) in self.hf_requests() {
+            out.push_str(&format!("{name}{{status=\"{status}\"}} {value}\n"));
         }
         out
     }

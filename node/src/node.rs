@@ -158,13 +158,13 @@ impl Node {
                 let bound = listener
                     .local_addr()
                     .map_err(|source| NodeError::Api { addr, source })?;
-                let state = api::ApiState {
-                    store: store.clone(),
-                    metrics: metrics.clone(),
-                    token: token.clone(),
-                    listen: net.local_addr(),
-                    fetcher: fetcher.clone(),
-                };
+                let state = api::ApiState::new(
+                    fetcher.clone(),
+                    metrics.clone(),
+                    token.clone(),
+                    net.local_addr(),
+                    bound,
+                );
                 tasks.spawn(api::serve(listener, state, cancel.clone()).in_current_span());
                 Some(bound)
             }

@@ -609,7 +609,11 @@ fn four_nodes_at_once_pull_each_byte_from_hf_once() {
     );
     write_file(&repo.join("config.json"), 900, 23);
     let hub = serve_repo(tmp.path(), &repo);
-    let env = [("HF_ENDPOINT", hub.endpoint.as_str())];
+    let log = std::env::var("MESH_TEST_NODE_LOG").unwrap_or_default();
+    let env = [
+        ("HF_ENDPOINT", hub.endpoint.as_str()),
+        ("RUST_LOG", log.as_str()),
+    ];
     let nodes: Vec<NodeProc> = (0..4)
         .map(|i| {
             NodeProc::start_env(
@@ -660,6 +664,15 @@ fn four_nodes_at_once_pull_each_byte_from_hf_once() {
         "repo {size} bytes; HF served {served} ({:.3}x); nodes counted {from_hf}",
         served as f64 / size as f64
     );
+    if let Ok(dir) = std::env::var("MESH_KEEP_NODE_LOGS") {
+        for (i, n) in nodes.iter().enumerate() {
+            std::fs::write(format!("{dir}/n{i}.log"), n.log()).unwrap();
+        }
+    }
+    if let Ok(dump) = std::env::var("MESH_DUMP_HUB_LOG") {
+        let addr = hub.endpoint.trim_start_matches("http://").parse().unwrap();
+        std::fs::write(dump, http_get(addr, "/_stats").unwrap()).unwrap();
+    }
     assert!(
         served * 100 <= size * 102,
         "HF served {served} bytes for a {size}-byte repo"

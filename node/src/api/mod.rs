@@ -4,13 +4,14 @@
 //! from `node.json`, which only the store's owner can read.
 
 pub mod client;
-mod hf_endpoint;
+mod hf;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use axum::{
-    extract::State,
-    http::{HeaderMap, StatusCode},
+    extract::{Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
@@ -30,11 +31,39 @@ use crate::{
 /// What the API handlers share.
 #[derive(Clone, Debug)]
 pub struct ApiState {
-    pub(crate) store: Store,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) token: String,
-    pub(crate) listen: SocketAddr,
-    pub(crate) fetcher: Fetcher,
+    store: Store,
+    metrics: Arc<Metrics>,
+    /// The bearer token of the mutating calls (and the node owner's key to gated repos).
+    token: String,
+    /// The node's QUIC address.
+    listen: SocketAddr,
+    /// The API's own address (requests naming another host are refused).
+    api: SocketAddr,
+    fetcher: Fetcher,
+    gate: hf::Gate,
+    poisoned: hf::Poisoned,
+}
+
+impl ApiState {
+    /// The state of a node's API at `api`, with its store, counters, token and fetcher.
+    pub(crate) fn new(
+        fetcher: Fetcher,
+        metrics: Arc<Metrics>,
+        token: String,
+        listen: SocketAddr,
+        api: SocketAddr,
+    ) -> Self {
+        Self {
+            store: fetcher.store.clone(),
+            gate: hf::Gate::new(&token, fetcher.meta.hub().clone()),
+            poisoned: hf::Poisoned::default(),
+            metrics,
+            token,
+            listen,
+            api,
+            fetcher,
+        }
+    }
 }
 
 /// A model as the API and `mesh ls --json` show it.
@@ -93,7 +122,8 @@ pub(crate) async fn serve(
         .route("/v1/add", post(add))
         .route("/v1/fetch", post(fetch))
         .route("/v1/peers", get(peers))
-        .merge(hf_endpoint::router())
+        .merge(hf::router().route_layer(middleware::from_fn_with_state(state.clone(), count_hf)))
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state);
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)
@@ -102,6 +132,50 @@ pub(crate) async fn serve(
     {
         tracing::warn!("local API stopped: {e}");
     }
+}
+
+/// Refuses a request that names a host other than this machine's loopback or the API's own
+/// address: a web page that got a name of its own to resolve to 127.0.0.1 (DNS rebinding)
+/// must not reach the API.
+async fn check_host(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if host_allowed(host, state.api) {
+        next.run(req).await
+    } else {
+        error(
+            StatusCode::FORBIDDEN,
+            format!("host {host:?} is not this node: use 127.0.0.1 or localhost"),
+        )
+    }
+}
+
+/// Whether `host` (a Host header) names this machine's loopback or the API's own address.
+fn host_allowed(host: &str, api: SocketAddr) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback() || (!api.ip().is_unspecified() && ip == api.ip()),
+        Err(_) => false,
+    }
+}
+
+/// Counts the HF endpoint's answers by status.
+async fn count_hf(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    state.metrics.count_hf_request(resp.status().as_u16());
+    resp
 }
 
 async fn metrics(State(state): State<ApiState>) -> String {
@@ -276,7 +350,7 @@ async fn fetch(
         Ok::<_, std::convert::Infallible>(json)
     });
     (
-        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
     )
         .into_response()
@@ -348,4 +422,36 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
 
 fn error(status: StatusCode, error: String) -> Response {
     (status, Json(ApiError { error })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_names_and_the_api_address_are_this_node() {
+        let api: SocketAddr = "127.0.0.1:7342".parse().unwrap();
+        for ok in [
+            "127.0.0.1:7342",
+            "localhost:7342",
+            "LOCALHOST",
+            "[::1]:7342",
+            "127.0.0.2",
+        ] {
+            assert!(host_allowed(ok, api), "{ok}");
+        }
+        for bad in [
+            "attacker.example",
+            "attacker.example:7342",
+            "",
+            "10.0.0.5:7342",
+            "[::]",
+        ] {
+            assert!(!host_allowed(bad, api), "{bad}");
+        }
+        let lan: SocketAddr = "10.0.0.5:7342".parse().unwrap();
+        assert!(host_allowed("10.0.0.5:7342", lan));
+        let any: SocketAddr = "0.0.0.0:7342".parse().unwrap();
+        assert!(!host_allowed("0.0.0.0:7342", any));
+    }
 }

@@ -135,17 +135,17 @@ impl Peers {
     pub async fn add_explicit(&self, addrs: &[SocketAddr]) -> Vec<ConnectError> {
         let mut errors = Vec::new();
         for &addr in addrs {
-            self.inner.discovery.add(AddrSource::Explicit, addr);
-            if self.inner.conns.borrow().contains_key(&addr) {
-                continue;
-            }
-            match self.inner.net.connect(addr).await {
-                Ok(conn) => self.insert(addr, conn),
-                Err(e) => {
-                    warn!("{e}");
-                    errors.push(e);
+            // Dialed before it joins the view, so the peer set doesn't dial it a second time.
+            if !self.inner.conns.borrow().contains_key(&addr) {
+                match self.inner.net.connect(addr).await {
+                    Ok(conn) => self.insert(addr, conn),
+                    Err(e) => {
+                        warn!("{e}");
+                        errors.push(e);
+                    }
                 }
             }
+            self.inner.discovery.add(AddrSource::Explicit, addr);
         }
         errors
     }

@@ -44,7 +44,7 @@ impl Fetcher {
         let mut sources: Vec<Box<dyn Source>> = vec![
             Box::new(LocalCopies),
             Box::new(PeerCopies::new(&name, &info)),
-            Box::new(HubOrigin::new(published.hub, info.clone())),
+            Box::new(HubOrigin::new(info.clone())),
         ];
         for source in &mut sources {
             source.claim(self, &mut wanted).await?;

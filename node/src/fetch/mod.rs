@@ -19,6 +19,7 @@
 
 pub mod catalog;
 mod external;
+pub mod file;
 mod mesh;
 pub mod plan;
 mod resolve;
@@ -38,13 +39,18 @@ use serde::Serialize;
 
 use self::catalog::CatalogEntry;
 pub use self::{
+    file::{FileState, FileTally},
     plan::{Origin, PlanEntry},
     resolve::ask_manifest,
     target::{default_folder, Layout, Target},
 };
 use crate::{
     discovery::Peers,
-    hf::{cache_out::HfCacheError, HubError},
+    hf::{
+        cache_out::HfCacheError,
+        meta::{HubMeta, MetaError},
+        Auth, Hub, HubError,
+    },
     metrics::Metrics,
     net::ConnectError,
     store::{pieces::PieceFile, Store, StoreError},
@@ -180,6 +186,9 @@ pub enum FetchError {
         /// The error.
         source: io::Error,
     },
+    /// A download this fetch shared with another request failed.
+    #[error(transparent)]
+    Shared(Arc<Self>),
 }
 
 /// Runs fetches for one node: its store, its peer set, and the per-blob locks that make two
@@ -202,6 +211,12 @@ pub struct Fetcher {
     node_id: u64,
     /// HuggingFace files assembled here, kept so peers still assembling them can get pieces.
     assembled: Arc<Mutex<Vec<Arc<PieceFile>>>>,
+    /// The Hub, with its metadata kept in the store.
+    pub meta: HubMeta,
+    /// Published files being fetched, shared by every request for them.
+    downloads: Arc<file::Downloads>,
+    /// Serialises updates of the `org/name@commit` manifests.
+    commit_manifests: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Fetcher {
@@ -214,6 +229,7 @@ impl Fetcher {
         aliases: BTreeMap<String, CatalogEntry>,
     ) -> Self {
         Self {
+            meta: HubMeta::new(Hub::from_env(), store.clone()),
             store,
             peers,
             metrics,
@@ -222,6 +238,8 @@ impl Fetcher {
             locks: Arc::default(),
             node_id: rand::random::<u64>() | 1,
             assembled: Arc::default(),
+            downloads: Arc::default(),
+            commit_manifests: Arc::default(),
         }
     }
 
@@ -234,20 +252,29 @@ impl Fetcher {
     ) -> Result<FetchReport, FetchError> {
         if let ModelRef::Name(name) = &req.model {
             if let Some(published) = self.published(name) {
-                // `on_start` can only be called once: hand it over only if the Hub answers.
-                match published.hub.repo_info(&published.repo).await {
-                    Ok(info) => return self.fetch_external(&req, published, info, on_start).await,
-                    Err(e @ (HubError::Offline | HubError::Http { .. })) => {
+                // `on_start` can only be called once: hand it over only if the Hub answers (or
+                // this node kept what it said).
+                let (repo, rev) = (&published.repo.repo, &published.repo.revision);
+                return match self.meta.revision(repo, rev, Auth::Node).await {
+                    Ok(revision) => {
+                        self.fetch_external(&req, published, revision.info, on_start)
+                            .await
+                    }
+                    Err(MetaError::Hub(e)) if e.is_unreachable() => {
                         // Offline or unreachable: the mesh may still have it under this name.
                         tracing::warn!("{e}; looking for {} in the mesh instead", published.name);
                         let req = FetchRequest {
                             model: ModelRef::Name(published.name),
                             ..req
                         };
-                        return self.fetch_mesh(req, on_start).await;
+                        self.fetch_mesh(req, on_start).await
                     }
-                    Err(e) => return Err(e.into()),
-                }
+                    Err(MetaError::Refused(answer)) => {
+                        Err(self.meta.hub().refusal(&answer, repo, rev).into())
+                    }
+                    Err(MetaError::Hub(e)) => Err(e.into()),
+                    Err(MetaError::Store(e)) => Err(e.into()),
+                };
             }
         }
         self.fetch_mesh(req, on_start).await
@@ -340,6 +367,7 @@ impl FetchError {
             Self::Hub(HubError::NotFound(_)) => 3,
             Self::Hub(HubError::Mismatch { .. }) => 5,
             Self::Hub(_) => 4,
+            Self::Shared(e) => e.exit_code(),
             Self::NothingSelected(_) | Self::BadGlob(_) => 2,
             _ => 1,
         }
@@ -348,6 +376,7 @@ impl FetchError {
     /// A one-line hint for the user, where there is a useful one.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
+            Self::Shared(e) => e.hint(),
             Self::Connect(ConnectError::WrongKey(_)) => Some(
                 "every node of one mesh needs the same MESH_KEY (or --mesh-key, or mesh_key in config.toml)",
             ),

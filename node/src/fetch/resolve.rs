@@ -13,7 +13,7 @@ use mesh_proto::{
 
 use super::{catalog, FetchError, Fetcher};
 use crate::{
-    hf::{Hub, RepoRef},
+    hf::RepoRef,
     net::{read_frame, write_frame, ConnectError},
     store::blocking,
 };
@@ -29,8 +29,6 @@ pub(super) struct Published {
     pub(super) repo: RepoRef,
     /// `(path in repo, path in the model)`; empty: every file under its own path.
     pub(super) files: Vec<(String, String)>,
-    /// The Hub client.
-    pub(super) hub: Hub,
 }
 
 impl Fetcher {
@@ -46,12 +44,7 @@ impl Fetcher {
                 (repo.repo.clone(), repo, Vec::new())
             }
         };
-        Some(Published {
-            name,
-            repo,
-            files,
-            hub: Hub::from_env(),
-        })
+        Some(Published { name, repo, files })
     }
 
     /// Asks connected peers for the manifest, waiting up to [`RESOLVE_WAIT`] for discovery to

@@ -22,9 +22,9 @@ use tracing::warn;
 
 use super::{ask_manifest, FetchError, Fetcher, Origin};
 use crate::{
-    hf::{Hub, HubError, HubFile, HubRange, RepoInfo},
+    hf::{HubFile, RepoInfo},
     store::{blocking, BlobStatus, StoreError},
-    swarm::{origin, FileJob},
+    swarm::FileJob,
 };
 
 /// How long to wait for peers to show up before asking them for a published model.
@@ -139,8 +139,9 @@ impl Source for LocalCopies {
 /// LAN peers holding the same repo at the same commit: fetched through the swarm (BLAKE3
 /// verified against the peer's manifest), then checked against the published hash.
 pub(super) struct PeerCopies {
-    /// Model names to ask peers for: the name fetched under, and the repo id.
-    names: [String; 2],
+    /// Model names to ask peers for: the repo at the commit, the name fetched under, and the
+    /// repo id.
+    names: [String; 3],
     repo: String,
     commit: String,
 }
@@ -148,7 +149,11 @@ pub(super) struct PeerCopies {
 impl PeerCopies {
     pub(super) fn new(name: &str, info: &RepoInfo) -> Self {
         Self {
-            names: [name.to_string(), info.repo.clone()],
+            names: [
+                format!("{}@{}", info.repo, info.commit),
+                name.to_string(),
+                info.repo.clone(),
+            ],
             repo: info.repo.clone(),
             commit: info.commit.clone(),
         }
@@ -192,35 +197,39 @@ impl PeerCopies {
         }
         out
     }
+}
 
-    /// Whether the store's copy of `hash` matches the published hash of `file`; a copy that
-    /// doesn't is dropped from the store.
-    async fn check(fetcher: &Fetcher, hash: Hash, file: &HubFile) -> Result<bool, FetchError> {
-        let store = fetcher.store.clone();
-        let file = file.clone();
-        Ok(blocking(move || {
-            let Ok(path) = store.data_path(hash) else {
-                return Ok(false);
-            };
-            let digest = file
-                .published()
-                .of_file(&path)
-                .map_err(|source| StoreError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-            if digest == file.etag() {
-                store.record_etag(file.etag(), hash)?;
-                Ok(true)
-            } else {
-                // A peer relayed bytes that hash to its BLAKE3 root but not to the publisher's
-                // hash: never trust that blob.
-                store.forget_blob(hash)?;
-                Ok(false)
-            }
-        })
-        .await?)
-    }
+/// Whether the store's copy of `hash` matches the published hash of `file` (and records it if
+/// so); a copy that doesn't is dropped from the store.
+pub(super) async fn check_copy(
+    fetcher: &Fetcher,
+    hash: Hash,
+    file: &HubFile,
+) -> Result<bool, FetchError> {
+    let store = fetcher.store.clone();
+    let file = file.clone();
+    Ok(blocking(move || {
+        let Ok(path) = store.data_path(hash) else {
+            return Ok(false);
+        };
+        let digest = file
+            .published()
+            .of_file(&path)
+            .map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        if digest == file.etag() {
+            store.record_etag(file.etag(), hash)?;
+            Ok(true)
+        } else {
+            // A peer relayed bytes that hash to its BLAKE3 root but not to the publisher's
+            // hash: never trust that blob.
+            store.forget_blob(hash)?;
+            Ok(false)
+        }
+    })
+    .await?)
 }
 
 impl Source for PeerCopies {
@@ -284,7 +293,7 @@ impl Source for PeerCopies {
             }
             for w in claimed_by(files, origin) {
                 let hash = w.hash.expect("claimed peer files have a hash");
-                if !Self::check(fetcher, hash, &w.file).await? {
+                if !check_copy(fetcher, hash, &w.file).await? {
                     warn!(path = %w.target, "peer copy missing or does not match HuggingFace's hash: fetching from HuggingFace");
                     w.release();
                 }
@@ -296,63 +305,19 @@ impl Source for PeerCopies {
     }
 }
 
-/// HuggingFace itself: alone, one resumable download per file; with peers, the fleet splits
-/// each file's pieces ([`origin`]).
+/// HuggingFace itself: each file through the node's shared download of it
+/// ([`Fetcher::fetch_file`]), the fleet splitting its pieces; [`FILES_AT_ONCE`] at a time, in
+/// the Hub's order, so that nodes fetching the same repo work on the same files together.
 pub(super) struct HubOrigin {
-    hub: Hub,
     info: RepoInfo,
 }
 
-impl HubOrigin {
-    pub(super) fn new(hub: Hub, info: RepoInfo) -> Self {
-        Self { hub, info }
-    }
+/// Files of one repo fetched from HuggingFace at once.
+const FILES_AT_ONCE: usize = 4;
 
-    /// Downloads one file into its part file; returns the bytes that came from HuggingFace.
-    async fn download(&self, fetcher: &Fetcher, w: &Wanted) -> Result<u64, FetchError> {
-        let part = fetcher.store.hub_part_path(w.file.etag());
-        let (repo, commit) = (&self.info.repo, &self.info.commit);
-        if fetcher.peers.connections().borrow().is_empty() {
-            // Alone: one resumable download (a re-run continues where this one stopped).
-            let before = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-            self.hub
-                .download(repo, commit, &w.file, &part, w.progress.clone())
-                .await?;
-            return Ok(w.file.size - before);
-        }
-        // With peers: split the HF work with any peer assembling the same file.
-        let partial = fetcher
-            .store
-            .piece_files()
-            .open(
-                w.file.etag(),
-                w.file.size,
-                &part,
-                fetcher.node_id,
-                self.info.restricted,
-            )
-            .map_err(|source| StoreError::Io {
-                path: part.clone(),
-                source,
-            })?;
-        let range = HubRange {
-            hub: self.hub.clone(),
-            repo: repo.clone(),
-            commit: commit.clone(),
-            file: w.file.clone(),
-        };
-        let conns = fetcher.peers.connections();
-        let file = range.origin_file();
-        let from_hf = origin::download(&range, &file, partial.clone(), conns, w.progress.clone())
-            .await
-            .map_err(HubError::from)?;
-        // Keep serving its pieces to peers still assembling it.
-        fetcher
-            .assembled
-            .lock()
-            .expect("assembled lock poisoned")
-            .push(partial);
-        Ok(from_hf)
+impl HubOrigin {
+    pub(super) fn new(info: RepoInfo) -> Self {
+        Self { info }
     }
 }
 
@@ -380,18 +345,26 @@ impl Source for HubOrigin {
         tally: &'a mut Tally,
     ) -> BoxFuture<'a, Result<(), FetchError>> {
         Box::pin(async move {
-            for w in claimed_by(files, self.origin()) {
-                tally.from_hf += self.download(fetcher, w).await?;
-                let part = fetcher.store.hub_part_path(w.file.etag());
-                let store = fetcher.store.clone();
-                let etag = w.file.etag().to_string();
-                let hash = blocking(move || {
-                    let (hash, _) = store.import_owned(&part)?;
-                    store.record_etag(&etag, hash)?;
-                    Ok(hash)
-                })
-                .await?;
-                w.hash = Some(hash);
+            let mut running = tokio::task::JoinSet::new();
+            let mut ended = Vec::new();
+            let claimed: Vec<usize> = (0..files.len())
+                .filter(|&i| files[i].origin == Some(self.origin()))
+                .collect();
+            for i in claimed {
+                if running.len() >= FILES_AT_ONCE {
+                    ended.extend(running.join_next().await);
+                }
+                let rx = fetcher.fetch_file(&self.info, &files[i].file);
+                let (size, progress) = (files[i].file.size, files[i].progress.clone());
+                running.spawn(async move { (i, Fetcher::follow_file(rx, size, &progress).await) });
+            }
+            ended.extend(running.join_all().await.into_iter().map(Ok));
+            for joined in ended {
+                let (i, result) = joined.expect("file tasks do not panic");
+                let (hash, from) = result.map_err(FetchError::Shared)?;
+                files[i].hash = Some(hash);
+                tally.from_hf += from.from_hf;
+                tally.from_peers += from.from_peers;
             }
             Ok(())
         })

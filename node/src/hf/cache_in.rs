@@ -13,7 +13,7 @@ use mesh_proto::{FileEntry, Manifest, RelPath, Source};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::hub::HubFile;
+use super::HubFile;
 use crate::store::{Store, StoreError};
 
 /// Scans `cache` on a blocking thread; stops early when `cancel` fires.

@@ -1,68 +1,22 @@
-//! HuggingFace as the fallback source: repo metadata, resumable range downloads, and the
-//! checks that make a downloaded file trustworthy (LFS sha256, or the git blob id for small
-//! files) before its BLAKE3 root is computed and the store takes it.
+//! The Hub client: repo metadata, range and resumable downloads, and passing the Hub's answers
+//! on to the node's HF endpoint as they came.
 //!
 //! HuggingFace conventions honoured: `HF_ENDPOINT`, `HF_TOKEN`, the token file
 //! (`$HF_TOKEN_PATH`, else `$HF_HOME/token`, else `~/.cache/huggingface/token`), and
-//! `HF_HUB_OFFLINE=1`. The token is sent to the Hub only: reqwest drops `Authorization` when a
-//! redirect leaves the Hub's origin (LFS files live on a CDN).
+//! `HF_HUB_OFFLINE=1`. A token is sent to the Hub only: reqwest drops `Authorization` when a
+//! redirect leaves the Hub's origin (LFS files live on a CDN), and pagination links are
+//! followed only on the Hub's own origin. Every request has timeouts and retries
+//! ([`super::retry`]).
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-};
+use std::path::PathBuf;
 
-use serde::Deserialize;
-
-use crate::{
-    store::digest::Published,
-    swarm::origin::{OriginFile, RangeOrigin, SplitError},
+use super::{
+    repo::{urlencode, HubFile, RepoInfo, RepoRef},
+    retry,
 };
 
 /// The public Hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-
-/// A repo reference: `org/name`, optionally `@revision`; `hf://` in front is accepted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RepoRef {
-    /// `org/name`.
-    pub repo: String,
-    /// Branch, tag or commit (default `main`).
-    pub revision: String,
-}
-
-impl RepoRef {
-    /// Parses `org/name[@rev]` or `hf://org/name[@rev]`; `None` if it is not of that form.
-    pub fn parse(s: &str) -> Option<Self> {
-        let s = s.strip_prefix("hf://").unwrap_or(s);
-        let (repo, revision) = match s.split_once('@') {
-            Some((repo, rev)) if !rev.is_empty() => (repo, rev),
-            Some(_) => return None,
-            None => (s, "main"),
-        };
-        let (org, name) = repo.split_once('/')?;
-        let ok = |part: &str| {
-            !part.is_empty()
-                && part.len() <= 96
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                && !part.starts_with('.')
-        };
-        let rev_ok = revision
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-            && !revision.contains("..");
-        (ok(org) && ok(name) && rev_ok).then(|| Self {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-        })
-    }
-}
 
 /// Why a Hub call failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +34,15 @@ pub enum HubError {
     /// `HF_HUB_OFFLINE` is set.
     #[error("HF_HUB_OFFLINE is set: not contacting HuggingFace")]
     Offline,
-    /// The request failed or the answer was not what the Hub sends.
+    /// No answer, after retries (connection refused, timeouts, 5xx).
+    #[error("HuggingFace at {endpoint} is unreachable: {why}")]
+    Unreachable {
+        /// The endpoint.
+        endpoint: String,
+        /// What happened last.
+        why: String,
+    },
+    /// The answer was not what the Hub sends.
     #[error("HuggingFace at {endpoint}: {why}")]
     Http {
         /// The endpoint.
@@ -108,71 +70,40 @@ pub enum HubError {
     },
 }
 
-/// One file of a repo at a commit, as the Hub describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HubFile {
-    /// Path in the repo.
-    pub path: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// LFS sha256 (hex), for LFS files.
-    pub sha256: Option<String>,
-    /// Git blob id (sha1 hex).
-    pub git_oid: String,
-}
-
-impl HubFile {
-    /// The etag HuggingFace clients key their cache on: the sha256 for LFS files, else the git
-    /// blob id.
-    pub fn etag(&self) -> &str {
-        self.sha256.as_deref().unwrap_or(&self.git_oid)
-    }
-
-    /// The hash the Hub publishes the file under (what [`HubFile::etag`] names).
-    pub fn published(&self) -> Published {
-        match &self.sha256 {
-            Some(sha) => Published::Sha256(sha.clone()),
-            None => Published::GitBlob(self.git_oid.clone()),
-        }
+impl HubError {
+    /// Whether the Hub could not be asked at all (so the mesh may be asked instead).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Offline | Self::Unreachable { .. })
     }
 }
 
-/// A repo at a resolved commit.
+/// Whose token a request carries.
+#[derive(Clone, Copy, Debug)]
+pub enum Auth<'a> {
+    /// The node owner's (`HF_TOKEN` or the token file).
+    Node,
+    /// A client's, as it sent it to the node's HF endpoint (or none).
+    Client(Option<&'a str>),
+}
+
+/// A Hub answer as it came, for the node's HF endpoint to pass on.
 #[derive(Clone, Debug)]
-pub struct RepoInfo {
-    /// `org/name`.
-    pub repo: String,
-    /// The commit sha the revision resolved to.
-    pub commit: String,
-    /// Its files.
-    pub files: Vec<HubFile>,
-    /// Gated or private: its files may only go to mesh members.
-    pub restricted: bool,
+pub struct Answer {
+    /// The status code.
+    pub status: u16,
+    /// `X-Error-Code`.
+    pub code: Option<String>,
+    /// `X-Error-Message`.
+    pub message: Option<String>,
+    /// The body.
+    pub body: bytes::Bytes,
 }
 
-#[derive(Deserialize)]
-struct RevisionJson {
-    sha: String,
-    siblings: Vec<SiblingJson>,
-    #[serde(default)]
-    private: bool,
-    /// `false`, or `"auto"`/`"manual"` for gated repos.
-    #[serde(default)]
-    gated: serde_json::Value,
-}
-
-#[derive(Deserialize)]
-struct SiblingJson {
-    rfilename: String,
-    size: Option<u64>,
-    #[serde(rename = "blobId")]
-    blob_id: Option<String>,
-    lfs: Option<LfsJson>,
-}
-
-#[derive(Deserialize)]
-struct LfsJson {
-    sha256: String,
+impl Answer {
+    /// Whether the Hub said yes.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
 }
 
 /// A client for the Hub (or anything at `HF_ENDPOINT` that speaks its API).
@@ -200,6 +131,8 @@ impl Hub {
             offline,
             http: reqwest::Client::builder()
                 .user_agent(concat!("mesh/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(retry::CONNECT_TIMEOUT)
+                .read_timeout(retry::READ_TIMEOUT)
                 .build()
                 .expect("reqwest client builds"),
         }
@@ -210,14 +143,22 @@ impl Hub {
         &self.endpoint
     }
 
-    /// Whether a token will be sent.
+    /// Whether a token will be sent for the node's own requests.
     pub fn has_token(&self) -> bool {
         self.token.is_some()
     }
 
-    fn get(&self, url: &str) -> reqwest::RequestBuilder {
-        let req = self.http.get(url);
-        match &self.token {
+    /// Whether `HF_HUB_OFFLINE` is set.
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    fn with_auth(&self, req: reqwest::RequestBuilder, auth: Auth<'_>) -> reqwest::RequestBuilder {
+        let token = match auth {
+            Auth::Node => self.token.as_deref(),
+            Auth::Client(token) => token,
+        };
+        match token {
             Some(token) => req.bearer_auth(token),
             None => req,
         }
@@ -230,63 +171,161 @@ impl Hub {
         }
     }
 
-    /// Resolves `repo@revision` to a commit and lists its files with sizes and hashes.
-    pub async fn repo_info(&self, repo: &RepoRef) -> Result<RepoInfo, HubError> {
+    fn unreachable(&self, why: impl std::fmt::Display) -> HubError {
+        HubError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            why: why.to_string(),
+        }
+    }
+
+    /// Sends a request built by `build`, retrying timeouts, connection errors, 5xx and 429.
+    /// Returns the first answer that is not worth retrying (which may be an error status).
+    async fn send(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, HubError> {
         if self.offline {
             return Err(HubError::Offline);
         }
-        let url = format!(
-            "{}/api/models/{}/revision/{}?blobs=true",
-            self.endpoint,
-            repo.repo,
-            urlencode(&repo.revision)
-        );
-        let resp = self.get(&url).send().await.map_err(|e| self.http_err(e))?;
-        let status = resp.status();
-        let code = header(&resp, "x-error-code");
-        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-            // The Hub answers 401 for missing repos too, so as not to reveal private ones.
-            return Err(match code.as_deref() {
-                Some("RepoNotFound") if self.token.is_some() => {
-                    HubError::NotFound(format!("repo {}", repo.repo))
+        let mut attempt = 0;
+        loop {
+            let last = attempt + 1 >= retry::ATTEMPTS;
+            let wait = match build().send().await {
+                Ok(resp) if retry::retryable_status(resp.status()) && !last => {
+                    tracing::debug!(status = %resp.status(), url = %resp.url(), "Hub answered; retrying");
+                    retry::retry_after(&resp).unwrap_or_else(|| retry::backoff(attempt))
                 }
-                _ => HubError::Unauthorized {
-                    repo: repo.repo.clone(),
-                },
-            });
-        }
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(HubError::NotFound(format!(
-                "{}@{}",
-                repo.repo, repo.revision
-            )));
-        }
-        if !status.is_success() {
-            return Err(self.http_err(format!("{url}: HTTP {status}")));
-        }
-        let info: RevisionJson = resp.json().await.map_err(|e| self.http_err(e))?;
-        let mut files = Vec::new();
-        for s in info.siblings {
-            let (Some(size), Some(git_oid)) = (s.size, s.blob_id) else {
-                return Err(self.http_err("revision info lacks sizes or blob ids"));
+                Ok(resp) if retry::retryable_status(resp.status()) => {
+                    return Err(self.unreachable(format!("HTTP {}", resp.status())))
+                }
+                Ok(resp) => return Ok(resp),
+                Err(e) if retry::retryable_error(&e) && !last => {
+                    tracing::debug!("Hub request failed; retrying: {e}");
+                    retry::backoff(attempt)
+                }
+                Err(e) if retry::retryable_error(&e) => return Err(self.unreachable(e)),
+                Err(e) => return Err(self.http_err(e)),
             };
-            files.push(HubFile {
-                path: s.rfilename,
-                size,
-                sha256: s.lfs.map(|l| l.sha256.to_ascii_lowercase()),
-                git_oid: git_oid.to_ascii_lowercase(),
-            });
+            tokio::time::sleep(wait).await;
+            attempt += 1;
         }
-        let gated = !matches!(
-            info.gated,
-            serde_json::Value::Bool(false) | serde_json::Value::Null
-        );
-        Ok(RepoInfo {
-            repo: repo.repo.clone(),
-            commit: info.sha,
-            files,
-            restricted: info.private || gated,
+    }
+
+    /// `GET {endpoint}{path_and_query}` on the Hub's API, its answer as it came (errors too).
+    pub async fn api_get(&self, path_and_query: &str, auth: Auth<'_>) -> Result<Answer, HubError> {
+        let url = format!("{}{path_and_query}", self.endpoint);
+        let resp = self
+            .send(|| self.with_auth(self.http.get(&url), auth))
+            .await?;
+        self.answer(resp).await
+    }
+
+    async fn answer(&self, resp: reqwest::Response) -> Result<Answer, HubError> {
+        let status = resp.status().as_u16();
+        let code = header(&resp, "x-error-code");
+        let message = header(&resp, "x-error-message");
+        let body = resp.bytes().await.map_err(|e| self.unreachable(e))?;
+        Ok(Answer {
+            status,
+            code,
+            message,
+            body,
         })
+    }
+
+    /// The revision info (`?blobs=true`) of `repo` at `rev`: the Hub's JSON, or its refusal.
+    pub async fn revision(
+        &self,
+        repo: &str,
+        rev: &str,
+        auth: Auth<'_>,
+    ) -> Result<Result<serde_json::Value, Answer>, HubError> {
+        let path = format!("/api/models/{repo}/revision/{}?blobs=true", urlencode(rev));
+        let answer = self.api_get(&path, auth).await?;
+        if !answer.is_success() {
+            return Ok(Err(answer));
+        }
+        serde_json::from_slice(&answer.body)
+            .map(Ok)
+            .map_err(|e| self.http_err(format!("{path}: {e}")))
+    }
+
+    /// Every entry of `repo`'s tree at `commit`, recursively, following the Hub's pages.
+    pub async fn tree(
+        &self,
+        repo: &str,
+        commit: &str,
+        auth: Auth<'_>,
+    ) -> Result<Result<Vec<serde_json::Value>, Answer>, HubError> {
+        let mut url = format!(
+            "{}/api/models/{repo}/tree/{commit}?recursive=true&expand=false",
+            self.endpoint
+        );
+        let mut entries = Vec::new();
+        loop {
+            let resp = self
+                .send(|| self.with_auth(self.http.get(&url), auth))
+                .await?;
+            let next = next_link(&resp).filter(|n| n.starts_with(&format!("{}/", self.endpoint)));
+            let answer = self.answer(resp).await?;
+            if !answer.is_success() {
+                return Ok(Err(answer));
+            }
+            let page: Vec<serde_json::Value> = serde_json::from_slice(&answer.body)
+                .map_err(|e| self.http_err(format!("tree of {repo}: {e}")))?;
+            entries.extend(page);
+            match next {
+                Some(next) => url = next,
+                None => return Ok(Ok(entries)),
+            }
+        }
+    }
+
+    /// Whether `token` may read `repo`'s files (`GET /api/models/{repo}/auth-check`).
+    pub async fn auth_check(
+        &self,
+        repo: &str,
+        token: Option<&str>,
+    ) -> Result<Result<(), Answer>, HubError> {
+        let answer = self
+            .api_get(
+                &format!("/api/models/{repo}/auth-check"),
+                Auth::Client(token),
+            )
+            .await?;
+        Ok(if answer.is_success() {
+            Ok(())
+        } else {
+            Err(answer)
+        })
+    }
+
+    /// Resolves `repo@revision` to a commit and lists its files with sizes and hashes, with
+    /// the node's token.
+    pub async fn repo_info(&self, repo: &RepoRef) -> Result<RepoInfo, HubError> {
+        match self
+            .revision(&repo.repo, &repo.revision, Auth::Node)
+            .await?
+        {
+            Ok(json) => RepoInfo::from_revision_json(&repo.repo, &json)
+                .ok_or_else(|| self.http_err("revision info lacks the commit, sizes or blob ids")),
+            Err(answer) => Err(self.refusal(&answer, &repo.repo, &repo.revision)),
+        }
+    }
+
+    /// What a refusal of the node's own request means.
+    pub fn refusal(&self, answer: &Answer, repo: &str, rev: &str) -> HubError {
+        match (answer.status, answer.code.as_deref()) {
+            // The Hub answers 401 for missing repos too, so as not to reveal private ones.
+            (401 | 403, Some("RepoNotFound")) if self.token.is_some() => {
+                HubError::NotFound(format!("repo {repo}"))
+            }
+            (401 | 403, _) => HubError::Unauthorized {
+                repo: repo.to_string(),
+            },
+            (404, _) => HubError::NotFound(format!("{repo}@{rev}")),
+            (status, _) => self.http_err(format!("{repo}@{rev}: HTTP {status}")),
+        }
     }
 
     /// The `resolve` URL of a file at a commit.
@@ -300,7 +339,7 @@ impl Hub {
     }
 
     /// Downloads `len` bytes at `start` of one file at `commit` (a Range request, following
-    /// the Hub's redirect to its CDN).
+    /// the Hub's redirect to its CDN). A body that breaks off or stalls is asked for again.
     pub async fn download_range(
         &self,
         repo: &str,
@@ -309,71 +348,16 @@ impl Hub {
         start: u64,
         len: u64,
     ) -> Result<Vec<u8>, HubError> {
-        if self.offline {
-            return Err(HubError::Offline);
-        }
         let url = self.resolve_url(repo, commit, &file.path);
-        let resp = self
-            .get(&url)
-            .header(
-                reqwest::header::RANGE,
-                format!("bytes={start}-{}", start + len - 1),
-            )
-            .send()
-            .await
-            .map_err(|e| self.http_err(e))?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-            return Err(HubError::Unauthorized {
-                repo: repo.to_string(),
-            });
-        }
-        let whole = status == reqwest::StatusCode::OK && start == 0 && len == file.size;
-        if status != reqwest::StatusCode::PARTIAL_CONTENT && !whole {
-            return Err(self.http_err(format!("{}: HTTP {status} for a range", file.path)));
-        }
-        let bytes = resp.bytes().await.map_err(|e| self.http_err(e))?;
-        if bytes.len() as u64 != len {
-            return Err(self.http_err(format!(
-                "{}: range of {} bytes, expected {len}",
-                file.path,
-                bytes.len()
-            )));
-        }
-        Ok(bytes.to_vec())
-    }
-
-    /// Downloads one file at `commit` to `part` (resuming from what `part` holds, with a Range
-    /// request), then checks the whole file against its published hash. On a mismatch the
-    /// file is deleted. `progress` counts bytes on disk.
-    pub async fn download(
-        &self,
-        repo: &str,
-        commit: &str,
-        file: &HubFile,
-        part: &Path,
-        progress: Arc<AtomicU64>,
-    ) -> Result<(), HubError> {
-        if self.offline {
-            return Err(HubError::Offline);
-        }
-        let io = |source| HubError::Io {
-            path: part.to_path_buf(),
-            source,
-        };
-        let mut have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-        if have > file.size {
-            std::fs::remove_file(part).map_err(io)?;
-            have = 0;
-        }
-        progress.store(have, Ordering::Relaxed);
-        if have < file.size {
-            let url = self.resolve_url(repo, commit, &file.path);
-            let mut req = self.get(&url);
-            if have > 0 {
-                req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
-            }
-            let mut resp = req.send().await.map_err(|e| self.http_err(e))?;
+        let range = format!("bytes={start}-{}", start + len - 1);
+        let mut attempt = 0;
+        loop {
+            let resp = self
+                .send(|| {
+                    self.with_auth(self.http.get(&url), Auth::Node)
+                        .header(reqwest::header::RANGE, &range)
+                })
+                .await?;
             let status = resp.status();
             if status == reqwest::StatusCode::UNAUTHORIZED
                 || status == reqwest::StatusCode::FORBIDDEN
@@ -382,104 +366,26 @@ impl Hub {
                     repo: repo.to_string(),
                 });
             }
-            if status == reqwest::StatusCode::NOT_FOUND {
-                return Err(HubError::NotFound(format!("{repo}/{}", file.path)));
+            let whole = status == reqwest::StatusCode::OK && start == 0 && len == file.size;
+            if status != reqwest::StatusCode::PARTIAL_CONTENT && !whole {
+                return Err(self.http_err(format!("{}: HTTP {status} for a range", file.path)));
             }
-            let append = match status {
-                reqwest::StatusCode::PARTIAL_CONTENT => true,
-                reqwest::StatusCode::OK => false,
-                other => return Err(self.http_err(format!("{}: HTTP {other}", file.path))),
-            };
-            let mut out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(append)
-                .write(true)
-                .truncate(!append)
-                .open(part)
-                .map_err(io)?;
-            let mut written = if append { have } else { 0 };
-            while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_err(e))? {
-                written += chunk.len() as u64;
-                if written > file.size {
-                    return Err(self.http_err(format!("{} is longer than published", file.path)));
+            match resp.bytes().await {
+                Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes.to_vec()),
+                Ok(bytes) => {
+                    return Err(self.http_err(format!(
+                        "{}: range of {} bytes, expected {len}",
+                        file.path,
+                        bytes.len()
+                    )))
                 }
-                out.write_all(&chunk).map_err(io)?;
-                progress.store(written, Ordering::Relaxed);
+                Err(e) if attempt + 1 < retry::ATTEMPTS => {
+                    tracing::debug!(path = %file.path, start, "range broke off, asking again: {e}");
+                    tokio::time::sleep(retry::backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.unreachable(e)),
             }
-            out.sync_all().map_err(io)?;
-            if written != file.size {
-                return Err(self.http_err(format!(
-                    "{}: got {written} of {} bytes (re-run to resume)",
-                    file.path, file.size
-                )));
-            }
-        }
-        let part_owned = part.to_path_buf();
-        let expected = file.clone();
-        let actual = tokio::task::spawn_blocking(move || expected.published().of_file(&part_owned))
-            .await
-            .expect("hash task panicked")
-            .map_err(io)?;
-        if actual != file.etag() {
-            let _ = std::fs::remove_file(part);
-            return Err(HubError::Mismatch {
-                path: file.path.clone(),
-                expected: file.etag().to_string(),
-                actual,
-            });
-        }
-        Ok(())
-    }
-}
-
-/// One file at one commit, as a range origin for the fleet split.
-#[derive(Clone, Debug)]
-pub struct HubRange {
-    /// The client.
-    pub hub: Hub,
-    /// `org/name`.
-    pub repo: String,
-    /// The commit.
-    pub commit: String,
-    /// The file.
-    pub file: HubFile,
-}
-
-impl HubRange {
-    /// The file as the fleet split sees it.
-    pub fn origin_file(&self) -> OriginFile {
-        OriginFile {
-            name: self.file.path.clone(),
-            size: self.file.size,
-            published: self.file.published(),
-        }
-    }
-}
-
-impl RangeOrigin for HubRange {
-    type Error = HubError;
-
-    async fn fetch_range(&self, start: u64, len: u64) -> Result<Vec<u8>, HubError> {
-        self.hub
-            .download_range(&self.repo, &self.commit, &self.file, start, len)
-            .await
-    }
-}
-
-impl From<SplitError<Self>> for HubError {
-    fn from(e: SplitError<Self>) -> Self {
-        match e {
-            SplitError::Origin(e) => e,
-            SplitError::Io { path, source } => Self::Io { path, source },
-            SplitError::Mismatch {
-                name,
-                expected,
-                actual,
-            } => Self::Mismatch {
-                path: name,
-                expected,
-                actual,
-            },
         }
     }
 }
@@ -491,15 +397,18 @@ fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
+/// The URL of a `Link: <URL>; rel="next"` header.
+fn next_link(resp: &reqwest::Response) -> Option<String> {
+    let link = header(resp, "link")?;
+    link.split(',').find_map(|part| {
+        let (url, params) = part.trim().split_once(';')?;
+        params.contains("rel=\"next\"").then(|| {
+            url.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_string()
         })
-        .collect()
+    })
 }
 
 fn token_from_env() -> Option<String> {
@@ -515,28 +424,4 @@ fn token_from_env() -> Option<String> {
     let token = std::fs::read_to_string(path).ok()?;
     let token = token.trim();
     (!token.is_empty()).then(|| token.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repo_refs() {
-        let r = RepoRef::parse("hf://stabilityai/stable-diffusion-3.5-large@main").unwrap();
-        assert_eq!(r.repo, "stabilityai/stable-diffusion-3.5-large");
-        assert_eq!(r.revision, "main");
-        assert_eq!(RepoRef::parse("a/b").unwrap().revision, "main");
-        for bad in [
-            "sd3.5_large",
-            "a/b/c",
-            "../x",
-            "a/..",
-            "a/b@",
-            "/b",
-            "a/b@x/../y",
-        ] {
-            assert!(RepoRef::parse(bad).is_none(), "{bad}");
-        }
-    }
 }

@@ -1,7 +1,9 @@
-//! HuggingFace: the Hub client ([`hub`]: metadata, range downloads, the hashes that make a
-//! downloaded file trustworthy; a file at a commit is a `swarm::origin::RangeOrigin`, so the
-//! fleet splits its pieces), and the HuggingFace cache in both directions: models already in
-//! it are served in place ([`cache_in`]), fetched models are linked into it ([`cache_out`]).
+//! HuggingFace: what a repo is ([`repo`]: references, revisions, files and their published
+//! hashes), the Hub client ([`hub`]: metadata, range and resumable downloads, with timeouts
+//! and retries from [`retry`]), the Hub's metadata kept in the store so it answers offline
+//! ([`meta`]), a file at a commit as an origin the fleet splits ([`range`]), and the
+//! HuggingFace cache in both directions: models already in it are served in place
+//! ([`cache_in`]), fetched models are linked into it ([`cache_out`]).
 //!
 //! HuggingFace conventions honoured: `HF_ENDPOINT`, `HF_TOKEN`, the token file, `HF_HOME`,
 //! `HF_HUB_CACHE` and `HF_HUB_OFFLINE`.
@@ -9,5 +11,13 @@
 pub mod cache_in;
 pub mod cache_out;
 pub mod hub;
+pub mod meta;
+pub mod range;
+pub mod repo;
+mod retry;
 
-pub use self::hub::{Hub, HubError, HubFile, HubRange, RepoInfo, RepoRef};
+pub use self::{
+    hub::{Answer, Auth, Hub, HubError},
+    range::HubRange,
+    repo::{is_commit, HubFile, RepoInfo, RepoRef},
+};

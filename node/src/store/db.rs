@@ -15,6 +15,8 @@ const ETAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("etags");
 const RESTRICTED: TableDefinition<&[u8], ()> = TableDefinition::new("restricted");
 /// Model name -> model id (the latest manifest added or fetched under that name).
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
+/// HuggingFace metadata as the Hub sent it (see `hf::meta`): key -> bytes.
+const HF_META: TableDefinition<&str, &[u8]> = TableDefinition::new("hf_meta");
 
 /// Creates the tables so read transactions never meet a missing one.
 pub(super) fn init(db: &redb::Database) -> Result<(), StoreError> {
@@ -24,6 +26,7 @@ pub(super) fn init(db: &redb::Database) -> Result<(), StoreError> {
     tx.open_table(NAMES).map_err(redb::Error::from)?;
     tx.open_table(ETAGS).map_err(redb::Error::from)?;
     tx.open_table(RESTRICTED).map_err(redb::Error::from)?;
+    tx.open_table(HF_META).map_err(redb::Error::from)?;
     tx.commit().map_err(redb::Error::from)?;
     Ok(())
 }
@@ -173,4 +176,21 @@ pub(super) fn is_restricted(db: &redb::Database, hash: Hash) -> Result<bool, Sto
         .get(hash.as_bytes().as_slice())
         .map_err(redb::Error::from)?
         .is_some())
+}
+
+pub(super) fn put_hf_meta(db: &redb::Database, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut table = tx.open_table(HF_META).map_err(redb::Error::from)?;
+        table.insert(key, value).map_err(redb::Error::from)?;
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+pub(super) fn hf_meta(db: &redb::Database, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = tx.open_table(HF_META).map_err(redb::Error::from)?;
+    let value = table.get(key).map_err(redb::Error::from)?;
+    Ok(value.map(|v| v.value().to_vec()))
 }

@@ -447,6 +447,16 @@ impl Store {
         db::is_restricted(&self.inner.db, hash)
     }
 
+    /// Stores HuggingFace metadata under `key` (see `hf::meta`).
+    pub fn put_hf_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        db::put_hf_meta(&self.inner.db, key, value)
+    }
+
+    /// HuggingFace metadata stored under `key`.
+    pub fn hf_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        db::hf_meta(&self.inner.db, key)
+    }
+
     /// Where a HuggingFace download of `etag` is kept until it is verified.
     pub fn hub_part_path(&self, etag: &str) -> PathBuf {
         self.inner

@@ -235,6 +235,19 @@ impl PartialBlob {
         self.changed.send_modify(|_| ());
     }
 
+    /// Reads `buf.len()` bytes at `offset` if every one of them is verified; `Ok(false)` (and
+    /// nothing read) if some are not yet.
+    pub fn read_verified(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let start = ChunkNum(offset / mesh_proto::CHUNK_BYTES);
+        let end = ChunkNum((offset + buf.len() as u64).div_ceil(mesh_proto::CHUNK_BYTES));
+        let range = ChunkRanges::from(start..end.max(ChunkNum(start.0 + 1)));
+        if !(range - &self.lock().have).is_empty() {
+            return Ok(false);
+        }
+        self.data.read_exact_at(buf, offset)?;
+        Ok(true)
+    }
+
     /// Chunks still missing.
     pub fn missing(&self) -> ChunkRanges {
         ranges::all_chunks(self.size) - self.have()

@@ -4,23 +4,40 @@
 //! A [`PieceFile`] is keyed by the file's published digest (its HF etag), holds the pieces in
 //! `partial/hf-<etag>.part` and tracks which pieces are here, which are being fetched, and
 //! which peer each came from. Pieces are *not* verified one by one: the whole file is checked
-//! against its published digest before the store takes it (see `hf::split`). That is why they
-//! travel only between mesh members.
+//! against its published digest before the store takes it (see `swarm::origin`). That is why
+//! they travel only between mesh members.
+//!
+//! # Crash safety
+//! Every [`CHECKPOINT_PIECES`] pieces the data file is synced and only then is the list of
+//! pieces (and where each came from) written next to it (`.pieces`, atomically), so a
+//! `kill -9` loses at most the pieces since the last checkpoint and a re-run resumes.
+//!
+//! # Readers
+//! A reader streaming the file as it arrives waits in [`PieceFile::wait_piece`] and says
+//! which piece it needs next ([`PieceFile::urgent`]), which the fleet split fetches first.
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
+    fs, io,
     net::SocketAddr,
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
+    time::Duration,
 };
 
 use mesh_proto::{
     wire::{ChunkSpan, ChunkSpans, Response},
     PIECE_BYTES,
 };
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+/// Pieces written between two checkpoints.
+pub const CHECKPOINT_PIECES: usize = 16;
 
 /// A file being assembled from pieces, shared by the downloader and the provider.
 #[derive(Debug)]
@@ -36,6 +53,21 @@ pub struct PieceFile {
     /// A std mutex: held for bitmap updates only, never across I/O.
     state: Mutex<PieceState>,
     changed: watch::Sender<()>,
+    /// One more than the piece a reader waits for (0: none).
+    urgent: AtomicUsize,
+    /// Pieces written since the last checkpoint.
+    unsynced: AtomicUsize,
+    /// Bumped when pieces are dropped (they failed the whole-file check): a reader that
+    /// passed on bytes of an older generation passed on bad bytes.
+    generation: AtomicUsize,
+}
+
+/// What the `.pieces` file next to the data records.
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    size: u64,
+    /// `(piece, source)`: the source is a peer's address, or empty for the origin.
+    pieces: Vec<(usize, String)>,
 }
 
 /// Which pieces are where.
@@ -56,7 +88,8 @@ pub struct PieceFiles {
 }
 
 impl PieceFiles {
-    /// The piece file for `etag`, opened (truncated) at `path` if no one holds it.
+    /// The piece file for `etag` at `path`, if no one holds it opened with the pieces a
+    /// previous run checkpointed there.
     pub fn open(
         &self,
         etag: &str,
@@ -64,7 +97,7 @@ impl PieceFiles {
         path: &Path,
         node: u64,
         restricted: bool,
-    ) -> std::io::Result<Arc<PieceFile>> {
+    ) -> io::Result<Arc<PieceFile>> {
         let mut map = self.map.lock().expect("piece files lock poisoned");
         if let Some(live) = map.get(etag).and_then(Weak::upgrade) {
             return Ok(live);
@@ -73,10 +106,20 @@ impl PieceFiles {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
+            .mode(0o600)
             .open(path)?;
-        file.set_len(size)?;
         let pieces = piece_count(size);
+        let mut state = PieceState {
+            have: vec![false; pieces],
+            pending: vec![false; pieces],
+            from: vec![None; pieces],
+        };
+        let resumed = file.metadata()?.len() == size && restore(path, size, &mut state);
+        if !resumed {
+            file.set_len(0)?;
+            file.set_len(size)?;
+        }
         let partial = Arc::new(PieceFile {
             etag: etag.to_string(),
             size,
@@ -84,12 +127,11 @@ impl PieceFiles {
             file,
             node,
             restricted,
-            state: Mutex::new(PieceState {
-                have: vec![false; pieces],
-                pending: vec![false; pieces],
-                from: vec![None; pieces],
-            }),
+            state: Mutex::new(state),
             changed: watch::channel(()).0,
+            urgent: AtomicUsize::new(0),
+            unsynced: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
         });
         map.insert(etag.to_string(), Arc::downgrade(&partial));
         Ok(partial)
@@ -132,6 +174,15 @@ impl PieceFile {
         self.restricted
     }
 
+    /// Bytes of the pieces here.
+    pub fn bytes_here(&self) -> u64 {
+        let state = self.lock();
+        (0..state.have.len())
+            .filter(|&p| state.have[p])
+            .map(|p| piece_bounds(self.size, p).1)
+            .sum()
+    }
+
     /// A copy of which pieces are where.
     pub fn state(&self) -> PieceState {
         self.lock().clone()
@@ -165,17 +216,18 @@ impl PieceFile {
         Some(buf)
     }
 
-    /// Writes a piece that came from `from` (`None`: the origin).
+    /// Writes a piece that came from `from` (`None`: the origin), checkpointing every
+    /// [`CHECKPOINT_PIECES`].
     pub fn store_piece(
         &self,
         piece: usize,
         bytes: &[u8],
         from: Option<SocketAddr>,
-    ) -> std::io::Result<()> {
+    ) -> io::Result<()> {
         let (start, len) = piece_bounds(self.size, piece);
         if bytes.len() as u64 != len {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
                 "piece of the wrong length",
             ));
         }
@@ -187,7 +239,70 @@ impl PieceFile {
             state.from[piece] = from;
         }
         self.changed.send_replace(());
+        if self.unsynced.fetch_add(1, Ordering::Relaxed) + 1 >= CHECKPOINT_PIECES {
+            self.checkpoint()?;
+        }
         Ok(())
+    }
+
+    /// Syncs the data, then records which pieces are here (see the module docs).
+    pub fn checkpoint(&self) -> io::Result<()> {
+        self.unsynced.store(0, Ordering::Relaxed);
+        self.file.sync_data()?;
+        let pieces = {
+            let state = self.lock();
+            (0..state.have.len())
+                .filter(|&p| state.have[p])
+                .map(|p| (p, state.from[p].map(|a| a.to_string()).unwrap_or_default()))
+                .collect()
+        };
+        let record = Checkpoint {
+            size: self.size,
+            pieces,
+        };
+        let json = serde_json::to_vec(&record).expect("a checkpoint serializes");
+        super::write_private(&checkpoint_path(&self.path), &json)
+    }
+
+    /// Forgets the checkpoint (the file was taken into the store, or dropped).
+    pub fn discard_checkpoint(&self) {
+        let _ = fs::remove_file(checkpoint_path(&self.path));
+    }
+
+    /// Waits until `piece` is here; false if `stall` passes without any change.
+    pub async fn wait_piece(&self, piece: usize, stall: Duration) -> bool {
+        let mut changes = self.subscribe();
+        loop {
+            if self.lock().have.get(piece).copied().unwrap_or(false) {
+                return true;
+            }
+            self.urgent.store(piece + 1, Ordering::Relaxed);
+            match tokio::time::timeout(stall, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Whether `piece` is here.
+    pub fn has(&self, piece: usize) -> bool {
+        self.lock().have.get(piece).copied().unwrap_or(false)
+    }
+
+    /// Tells the fleet split a reader waits for `piece`.
+    pub fn mark_urgent(&self, piece: usize) {
+        self.urgent.store(piece + 1, Ordering::Relaxed);
+    }
+
+    /// The piece a reader waits for, if any (and not here yet).
+    pub fn urgent(&self) -> Option<usize> {
+        let piece = self.urgent.load(Ordering::Relaxed).checked_sub(1)?;
+        (!self.lock().have.get(piece).copied().unwrap_or(true)).then_some(piece)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (which the caller waited for).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
     }
 
     /// Marks a piece as being fetched by this node, or not.
@@ -207,9 +322,37 @@ impl PieceFile {
             }
         }
         drop(state);
+        self.generation.fetch_add(1, Ordering::Relaxed);
         self.changed.send_replace(());
         culprits
     }
+
+    /// How often pieces were dropped (see the field's docs).
+    pub fn generation(&self) -> usize {
+        self.generation.load(Ordering::Relaxed)
+    }
+}
+
+fn checkpoint_path(path: &Path) -> PathBuf {
+    path.with_extension("pieces")
+}
+
+/// Restores the pieces a checkpoint names; false if there is none or it doesn't fit.
+fn restore(path: &Path, size: u64, state: &mut PieceState) -> bool {
+    let Ok(bytes) = fs::read(checkpoint_path(path)) else {
+        return false;
+    };
+    let Ok(record) = serde_json::from_slice::<Checkpoint>(&bytes) else {
+        return false;
+    };
+    if record.size != size || record.pieces.iter().any(|(p, _)| *p >= state.have.len()) {
+        return false;
+    }
+    for (p, from) in record.pieces {
+        state.have[p] = true;
+        state.from[p] = from.parse().ok();
+    }
+    true
 }
 
 /// Pieces in a file of `size` bytes (one for an empty file).

@@ -37,8 +37,6 @@ use crate::{
     transfer::get::GetError,
 };
 
-pub(crate) use layout::rendezvous;
-
 /// One file to download.
 #[derive(Debug)]
 pub struct FileJob {

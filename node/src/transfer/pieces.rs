@@ -41,6 +41,14 @@ pub enum PieceError {
         /// The piece.
         piece: usize,
     },
+    /// The peer did not send the piece in time.
+    #[error("peer {peer} stalled sending piece {piece}")]
+    Stalled {
+        /// The peer.
+        peer: SocketAddr,
+        /// The piece.
+        piece: usize,
+    },
     /// The peer sent fewer bytes than it announced, or more than a piece.
     #[error("peer {peer} sent a bad piece {piece}")]
     Malformed {
@@ -64,6 +72,8 @@ pub struct PieceNews {
 
 /// Serves a subscription: the current frame, then one after every change.
 pub async fn serve_subscription(partial: Arc<PieceFile>, mut send: quinn::SendStream) {
+    // News goes ahead of the pieces sharing the connection: peers decide on it.
+    let _ = send.set_priority(1);
     let mut changes = partial.subscribe();
     loop {
         if write_frame(&mut send, &partial.frame()).await.is_err() {
@@ -84,7 +94,12 @@ pub async fn serve_piece(
     danger_corrupt: bool,
     mut send: quinn::SendStream,
 ) {
-    let mut bytes = partial.and_then(|p| p.read_piece(piece));
+    let mut bytes = match partial {
+        Some(p) => tokio::task::spawn_blocking(move || p.read_piece(piece))
+            .await
+            .expect("piece read panicked"),
+        None => None,
+    };
     if danger_corrupt {
         if let Some(b) = bytes.as_mut().filter(|b| !b.is_empty()) {
             let mid = b.len() / 2;

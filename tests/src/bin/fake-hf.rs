@@ -1,18 +1,38 @@
-//! A local stand-in for the HuggingFace Hub, as strict as the real one where clients rely on it.
+//! A local stand-in for the HuggingFace Hub, as strict as the real one where clients rely on it
+//! (huggingface_hub, the `hf` CLI, transformers and the Rust `hf-hub` crate run against it
+//! directly in the tests, so that what they do against a mesh node can be compared).
 //!
-//! It serves repos from folders (`--repo org/name=DIR`) at one fixed commit each:
-//! - `GET /api/models/{org}/{name}/revision/{rev}` (with `?blobs=true`: sizes, blob ids, LFS);
-//! - `GET /api/models/{org}/{name}/tree/{rev}[/{path}]` (`?recursive=true`);
-//! - `POST /api/models/{org}/{name}/paths-info/{rev}` (form `paths=`);
-//! - `HEAD`/`GET /{org}/{name}/resolve/{rev}/{path}`: small files inline with `ETag` (git blob
-//!   sha1); LFS files (over 10 KiB) as a 302 to a second origin (`--cdn`, the "CDN") with
-//!   `X-Linked-Etag` (sha256) and `X-Linked-Size`; both carry `X-Repo-Commit`;
-//! - `Range` answered with 206 and `Content-Range`, 416 when unsatisfiable;
-//! - gated repos (`--gated org/name`) answer 401 with `X-Error-Code: GatedRepo` unless the
-//!   request has `Authorization: Bearer {--token}`; CDN URLs are signed and expire like the Hub's;
-//! - `GET /_stats`: body bytes served (API + CDN), for the tests' "at most once" checks.
-//!
-//! `--corrupt PATH` serves that file with one byte flipped (to test the sha256 check).
+//! It serves repos from folders, each revision a commit of its own (`--repo org/name=DIR` is
+//! `main`; `--repo org/name@v1.0=DIR` adds the branch or tag `v1.0`):
+//! - `GET /api/models/{org}/{name}` (= `main`) and `.../revision/{rev}` (`?blobs=true`: sizes,
+//!   blob ids, LFS);
+//! - `GET .../tree/{rev}[/{path}]` (`?recursive=true`), paginated by `--tree-page-size` with
+//!   a `Link: <...>; rel="next"` header, 404 `EntryNotFound` for a missing folder;
+//! - `POST .../paths-info/{rev}` (form `paths=`; missing paths left out);
+//! - `GET .../auth-check`: 200, or the error the token deserves;
+//! - `HEAD`/`GET /{org}/{name}/resolve/{rev}/{path}`: small files inline with `ETag` (the git
+//!   blob id); LFS files (over 10 KiB) as a 302 to a second origin (`--cdn`, the "CDN") with
+//!   `X-Linked-Etag` (sha256) and `X-Linked-Size`; both carry `X-Repo-Commit`, also on a 404;
+//! - `Range` answered with 206 and `Content-Range` (an end past the file is clamped), 416 with
+//!   `Content-Range: bytes */size` when unsatisfiable;
+//! - errors with `X-Error-Code`, `X-Error-Message` and `{"error": ...}`: 401 `RepoNotFound`
+//!   for an unknown repo without a valid token, 404 `RepoNotFound` with one, 404
+//!   `RevisionNotFound`, 404 `EntryNotFound`, 401/403 `GatedRepo` for gated repos without an
+//!   approved token, 401 "Invalid credentials in Authorization header" for a token that is no
+//!   token (tokens start with `hf_`);
+//! - the CDN refuses a request that carries `Authorization` (clients must drop it across
+//!   origins) and checks the URL's signature and expiry;
+//! - `--xet`: LFS files also advertise Xet (`X-Xet-Hash` and a `Link rel="xet-auth"` on
+//!   resolve, `xetHash` in tree entries), which a proxy must not pass on;
+//! - `--stall-once-after N`: the first CDN body of each file stops after N bytes and holds the
+//!   connection open; `--fail-first N`: the first N requests get a 503 with `Retry-After: 1`;
+//! - `GET /_stats`: body bytes served (API + CDN, counted as they are sent), per file, and
+//!   every request as `METHOD path status`.
+
+#[path = "fake_hf/repo.rs"]
+mod repo;
+#[path = "fake_hf/serve.rs"]
+mod serve;
 
 use std::{
     collections::BTreeMap,
@@ -20,23 +40,21 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
 };
 
 use axum::{
-    body::Body,
-    extract::{Path, Query, RawForm, State},
+    extract::{Path, Query, RawForm, Request, State},
     http::{header, HeaderMap, Method, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
 use clap::Parser;
-use sha1::Digest as _;
 
-/// Files above this size are LFS files, as on the Hub for weights.
-const LFS_THRESHOLD: u64 = 10 * 1024;
+use repo::{Access, Repo, RepoFile, Repos};
 
 #[derive(Parser, Debug)]
 struct Opt {
@@ -46,44 +64,58 @@ struct Opt {
     /// CDN address (a second origin).
     #[arg(long, default_value = "127.0.0.1:0")]
     cdn: SocketAddr,
-    /// `org/name=DIR`, repeatable.
+    /// `org/name=DIR` (branch main) or `org/name@REV=DIR` (branch or tag REV); repeatable.
     #[arg(long = "repo")]
     repos: Vec<String>,
-    /// Repos that need the token.
+    /// Repos that need an approved token.
     #[arg(long = "gated")]
     gated: Vec<String>,
-    /// The token gated repos accept.
+    /// Repos that look missing without an approved token.
+    #[arg(long = "private")]
+    private: Vec<String>,
+    /// The token gated and private repos accept.
     #[arg(long, default_value = "hf_test_token")]
     token: String,
     /// Repo file paths (`org/name/path`) served with a flipped byte.
     #[arg(long = "corrupt")]
     corrupt: Vec<String>,
+    /// Advertise Xet for LFS files.
+    #[arg(long)]
+    xet: bool,
+    /// Entries per page of a tree listing.
+    #[arg(long, default_value_t = 1000)]
+    tree_page_size: usize,
+    /// The first CDN body of each file stops after this many bytes and stalls.
+    #[arg(long)]
+    stall_once_after: Option<u64>,
+    /// The first N requests answer 503 with `Retry-After: 1`.
+    #[arg(long, default_value_t = 0)]
+    fail_first: u64,
     /// Write "API CDN" addresses to this file once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
 }
 
-struct RepoFile {
-    path: String,
-    size: u64,
-    disk: PathBuf,
-    sha256: String,
-    git_oid: String,
-}
-
-struct Repo {
-    commit: String,
-    files: BTreeMap<String, RepoFile>,
-    gated: bool,
-}
-
-struct Hub {
-    repos: BTreeMap<String, Repo>,
+/// The Hub's state.
+pub(crate) struct Hub {
+    repos: Repos,
     token: String,
     corrupt: Vec<String>,
+    xet: bool,
+    tree_page_size: usize,
+    stall_once_after: Option<u64>,
+    /// `http://API` and `http://CDN`.
+    api: String,
     cdn: String,
-    /// Body bytes served.
+    /// Body bytes served, in all and per `org/name/path`.
     served: AtomicU64,
+    served_per_file: Mutex<BTreeMap<String, u64>>,
+    /// Files whose CDN body already stalled once.
+    stalled: Mutex<Vec<String>>,
+    /// Requests still to fail with a 503.
+    fail_left: AtomicU64,
+    /// Every request: `METHOD path status`.
+    log: Mutex<Vec<String>>,
     /// Secret for CDN URL signatures.
     secret: [u8; 16],
 }
@@ -93,28 +125,31 @@ async fn main() -> anyhow::Result<()> {
     let opt = Opt::parse();
     let api = tokio::net::TcpListener::bind(opt.listen).await?;
     let cdn = tokio::net::TcpListener::bind(opt.cdn).await?;
-    let mut repos = BTreeMap::new();
-    for spec in &opt.repos {
-        let (id, dir) = spec.split_once('=').expect("--repo org/name=DIR");
-        repos.insert(
-            id.to_string(),
-            load_repo(dir.into(), opt.gated.contains(&id.to_string()))?,
-        );
-    }
+    let repos = Repos::load(&opt.repos, &opt.gated, &opt.private)?;
     let hub = Arc::new(Hub {
         repos,
         token: opt.token.clone(),
         corrupt: opt.corrupt.clone(),
+        xet: opt.xet,
+        tree_page_size: opt.tree_page_size.max(1),
+        stall_once_after: opt.stall_once_after,
+        api: format!("http://{}", api.local_addr()?),
         cdn: format!("http://{}", cdn.local_addr()?),
         served: AtomicU64::new(0),
+        served_per_file: Mutex::default(),
+        stalled: Mutex::default(),
+        fail_left: AtomicU64::new(opt.fail_first),
+        log: Mutex::default(),
         secret: rand::random(),
     });
     if let Some(path) = &opt.addr_file {
         std::fs::write(path, format!("{} {}", api.local_addr()?, cdn.local_addr()?))?;
     }
-    eprintln!("fake-hf api http://{} cdn {}", api.local_addr()?, hub.cdn);
+    eprintln!("fake-hf api {} cdn {}", hub.api, hub.cdn);
     let api_app = Router::new()
+        .route("/api/models/{org}/{name}", get(model_info))
         .route("/api/models/{org}/{name}/revision/{rev}", get(revision))
+        .route("/api/models/{org}/{name}/auth-check", get(auth_check))
         .route("/api/models/{org}/{name}/tree/{rev}", get(tree_root))
         .route("/api/models/{org}/{name}/tree/{rev}/{*path}", get(tree))
         .route(
@@ -126,9 +161,12 @@ async fn main() -> anyhow::Result<()> {
             get(resolve).head(resolve),
         )
         .route("/_stats", get(stats))
+        .fallback(|| async { hf_error(StatusCode::NOT_FOUND, "", "Not Found") })
+        .layer(middleware::from_fn_with_state(hub.clone(), log_and_fail))
         .with_state(hub.clone());
     let cdn_app = Router::new()
-        .route("/cdn/{sha}", get(cdn_get).head(cdn_get))
+        .route("/cdn/{sha}", get(serve::cdn_get).head(serve::cdn_get))
+        .layer(middleware::from_fn_with_state(hub.clone(), log_and_fail))
         .with_state(hub);
     let a = tokio::spawn(async move { axum::serve(api, api_app).await });
     let c = tokio::spawn(async move { axum::serve(cdn, cdn_app).await });
@@ -136,107 +174,128 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_repo(dir: PathBuf, gated: bool) -> anyhow::Result<Repo> {
-    let mut files = BTreeMap::new();
-    let mut stack = vec![dir.clone()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let bytes = std::fs::read(&path)?;
-            let rel = path
-                .strip_prefix(&dir)?
-                .to_string_lossy()
-                .replace('\\', "/");
-            let mut git = sha1::Sha1::new();
-            git.update(format!("blob {}\0", bytes.len()).as_bytes());
-            git.update(&bytes);
-            files.insert(
-                rel.clone(),
-                RepoFile {
-                    path: rel,
-                    size: bytes.len() as u64,
-                    disk: path.clone(),
-                    sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-                    git_oid: hex::encode(git.finalize()),
-                },
-            );
-        }
+/// Logs every request with its status, and answers the first `--fail-first` with a 503.
+async fn log_and_fail(State(hub): State<Arc<Hub>>, req: Request, next: Next) -> Response {
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|r| r.to_str().ok())
+        .map(|r| format!(" [{r}]"))
+        .unwrap_or_default();
+    let line = format!("{} {}{range}", req.method(), req.uri());
+    let failing = req.uri().path() != "/_stats"
+        && hub
+            .fail_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+    let resp = if failing {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "try again",
+        )
+            .into_response()
+    } else {
+        next.run(req).await
+    };
+    let mut log = hub.log.lock().unwrap();
+    log.push(format!("{line} {}", resp.status().as_u16()));
+    resp
+}
+
+/// An error as the Hub sends it.
+fn hf_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut resp = (status, Json(serde_json::json!({ "error": message }))).into_response();
+    let h = resp.headers_mut();
+    if !code.is_empty() {
+        h.insert("x-error-code", code.parse().unwrap());
     }
-    let mut commit = sha1::Sha1::new();
-    for f in files.values() {
-        commit.update(f.path.as_bytes());
-        commit.update(f.sha256.as_bytes());
+    h.insert("x-error-message", message.parse().unwrap());
+    resp
+}
+
+/// What the request's token is worth.
+#[allow(clippy::result_large_err)] // the error is the HTTP answer itself
+fn access(hub: &Hub, headers: &HeaderMap) -> Result<Access, Response> {
+    let Some(auth) = headers.get(header::AUTHORIZATION) else {
+        return Ok(Access::Anonymous);
+    };
+    let token = auth
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !token.starts_with("hf_") {
+        return Err(hf_error(
+            StatusCode::UNAUTHORIZED,
+            "",
+            "Invalid credentials in Authorization header",
+        ));
     }
-    Ok(Repo {
-        commit: hex::encode(commit.finalize()),
-        files,
-        gated,
+    Ok(if token == hub.token {
+        Access::Approved
+    } else {
+        Access::Valid
     })
 }
 
-fn hf_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        [("x-error-code", code.to_string())],
-        Json(serde_json::json!({ "error": message })),
-    )
-        .into_response()
-}
-
-/// The repo, after the gate and revision checks the Hub makes.
+/// The repo at a revision, after the checks the Hub makes: the token, the gate, the revision.
 #[allow(clippy::result_large_err)] // the error is the HTTP answer itself
 fn repo<'a>(
     hub: &'a Hub,
-    org: &str,
-    name: &str,
+    id: &str,
     rev: &str,
     headers: &HeaderMap,
-) -> Result<&'a Repo, Response> {
-    let Some(repo) = hub.repos.get(&format!("{org}/{name}")) else {
-        return Err(hf_error(
-            StatusCode::UNAUTHORIZED,
-            "RepoNotFound",
-            "Repository Not Found",
-        ));
+) -> Result<(&'a Repo, &'a str), Response> {
+    let access = access(hub, headers)?;
+    let repo = hub
+        .repos
+        .get(id)
+        .filter(|r| !r.private || access == Access::Approved);
+    let Some(repo) = repo else {
+        // Missing and private repos look the same; without a token the Hub answers 401.
+        let status = if access == Access::Anonymous {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::NOT_FOUND
+        };
+        return Err(hf_error(status, "RepoNotFound", "Repository Not Found"));
     };
-    if repo.gated {
-        let ok = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == format!("Bearer {}", hub.token));
-        if !ok {
-            return Err(hf_error(
+    if repo.gated && access != Access::Approved {
+        let (status, message) = match access {
+            Access::Anonymous => (
                 StatusCode::UNAUTHORIZED,
-                "GatedRepo",
-                "Access to this model is restricted. You must be authenticated to access it.",
-            ));
-        }
+                format!("Access to model {id} is restricted. You must have access to it and be authenticated to access it. Please log in."),
+            ),
+            _ => (
+                StatusCode::FORBIDDEN,
+                format!("Access to model {id} is restricted and you are not in the authorized list. Visit https://huggingface.co/{id} to ask for access."),
+            ),
+        };
+        return Err(hf_error(status, "GatedRepo", &message));
     }
-    if rev != "main" && rev != repo.commit {
-        return Err(hf_error(
+    match repo.commit_for(rev) {
+        Some(commit) => Ok((repo, commit)),
+        None => Err(hf_error(
             StatusCode::NOT_FOUND,
             "RevisionNotFound",
-            "Invalid rev id",
-        ));
+            &format!("Invalid rev id: {rev}"),
+        )),
     }
-    Ok(repo)
 }
 
-fn is_lfs(f: &RepoFile) -> bool {
-    f.size > LFS_THRESHOLD
+fn truthy(q: &BTreeMap<String, String>, key: &str) -> bool {
+    q.get(key)
+        .is_some_and(|v| matches!(v.as_str(), "true" | "True" | "1"))
 }
 
-fn entry(f: &RepoFile) -> serde_json::Value {
-    let mut v =
-        serde_json::json!({ "type": "file", "oid": f.git_oid, "size": f.size, "path": f.path });
-    if is_lfs(f) {
-        v["lfs"] = serde_json::json!({ "oid": f.sha256, "size": f.size, "pointerSize": 134 });
-    }
-    v
+async fn model_info(
+    State(hub): State<Arc<Hub>>,
+    Path((org, name)): Path<(String, String)>,
+    Query(q): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    revision_impl(&hub, &format!("{org}/{name}"), "main", &q, &headers)
 }
 
 async fn revision(
@@ -245,39 +304,53 @@ async fn revision(
     Query(q): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let repo = match repo(&hub, &org, &name, &rev, &headers) {
+    revision_impl(&hub, &format!("{org}/{name}"), &rev, &q, &headers)
+}
+
+fn revision_impl(
+    hub: &Hub,
+    id: &str,
+    rev: &str,
+    q: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+) -> Response {
+    let (repo, commit) = match repo(hub, id, rev, headers) {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let blobs = q.get("blobs").is_some_and(|v| v == "true" || v == "1");
-    let siblings: Vec<_> = repo
-        .files
-        .values()
-        .map(|f| {
-            let mut s = serde_json::json!({ "rfilename": f.path });
-            if blobs {
-                s["size"] = f.size.into();
-                s["blobId"] = f.git_oid.clone().into();
-                if is_lfs(f) {
-                    s["lfs"] = serde_json::json!({ "sha256": f.sha256, "size": f.size, "pointerSize": 134 });
-                }
-            }
-            s
-        })
-        .collect();
+    let blobs = truthy(q, "blobs");
+    let siblings: Vec<_> = repo.files(commit).map(|f| f.sibling(blobs)).collect();
     Json(serde_json::json!({
-        "_id": repo.commit[..24],
-        "id": format!("{org}/{name}"),
-        "modelId": format!("{org}/{name}"),
-        "sha": repo.commit,
-        "private": false,
+        "_id": commit[..24],
+        "id": id,
+        "modelId": id,
+        "author": id.split('/').next(),
+        "sha": commit,
+        "private": repo.private,
         "gated": if repo.gated { serde_json::json!("manual") } else { serde_json::json!(false) },
         "disabled": false,
+        "downloads": 0,
+        "likes": 0,
         "tags": [],
+        "library_name": "transformers",
         "siblings": siblings,
+        "spaces": [],
+        "createdAt": "2026-10-01T00:00:00.000Z",
         "lastModified": "2026-11-01T00:00:00.000Z",
+        "usedStorage": repo.files(commit).map(|f| f.size).sum::<u64>(),
     }))
     .into_response()
+}
+
+async fn auth_check(
+    State(hub): State<Arc<Hub>>,
+    Path((org, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    match repo(&hub, &format!("{org}/{name}"), "main", &headers) {
+        Ok(_) => Json(serde_json::json!({})).into_response(),
+        Err(e) => e,
+    }
 }
 
 async fn tree_root(
@@ -286,7 +359,7 @@ async fn tree_root(
     Query(q): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    tree_impl(&hub, &org, &name, &rev, "", &q, &headers)
+    tree_impl(&hub, &format!("{org}/{name}"), &rev, "", &q, &headers)
 }
 
 async fn tree(
@@ -295,61 +368,49 @@ async fn tree(
     Query(q): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    tree_impl(&hub, &org, &name, &rev, &path, &q, &headers)
+    tree_impl(&hub, &format!("{org}/{name}"), &rev, &path, &q, &headers)
 }
 
 fn tree_impl(
     hub: &Hub,
-    org: &str,
-    name: &str,
+    id: &str,
     rev: &str,
     dir: &str,
     q: &BTreeMap<String, String>,
     headers: &HeaderMap,
 ) -> Response {
-    let repo = match repo(hub, org, name, rev, headers) {
+    let (repo, commit) = match repo(hub, id, rev, headers) {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let recursive = q.get("recursive").is_some_and(|v| v == "true" || v == "1");
-    let prefix = if dir.is_empty() {
-        String::new()
-    } else {
-        format!("{}/", dir.trim_end_matches('/'))
+    let Some(entries) = repo.tree(commit, dir, truthy(q, "recursive"), hub.xet) else {
+        let mut resp = hf_error(StatusCode::NOT_FOUND, "EntryNotFound", "Entry not found");
+        resp.headers_mut()
+            .insert("x-repo-commit", commit.parse().unwrap());
+        return resp;
     };
-    let mut out = Vec::new();
-    let mut dirs = std::collections::BTreeSet::new();
-    for f in repo.files.values() {
-        let Some(rest) = f.path.strip_prefix(&prefix) else {
-            continue;
+    // Pages as the Hub's: an opaque cursor in the next page's absolute URL.
+    let start: usize = q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let end = (start + hub.tree_page_size).min(entries.len());
+    let page = entries.get(start..end).unwrap_or_default().to_vec();
+    let mut resp = Json(page).into_response();
+    if end < entries.len() {
+        let mut next = q.clone();
+        next.insert("cursor".into(), end.to_string());
+        let query = serde_urlencoded::to_string(&next).unwrap();
+        let path = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("/{dir}")
         };
-        match rest.split_once('/') {
-            Some((sub, _)) if !recursive => {
-                dirs.insert(format!("{prefix}{sub}"));
-            }
-            Some(_) => {
-                let mut parts: Vec<&str> = rest.split('/').collect();
-                parts.pop();
-                let mut acc = prefix.clone();
-                for p in parts {
-                    acc.push_str(p);
-                    dirs.insert(acc.clone());
-                    acc.push('/');
-                }
-                out.push(entry(f));
-            }
-            None => out.push(entry(f)),
-        }
-    }
-    if !dir.is_empty() && out.is_empty() && dirs.is_empty() {
-        return hf_error(StatusCode::NOT_FOUND, "EntryNotFound", "Entry not found");
-    }
-    for d in dirs {
-        out.push(
-            serde_json::json!({ "type": "directory", "oid": "0".repeat(40), "size": 0, "path": d }),
+        let link = format!(
+            "<{}/api/models/{id}/tree/{rev}{path}?{query}>; rel=\"next\"",
+            hub.api
         );
+        resp.headers_mut()
+            .insert(header::LINK, link.parse().unwrap());
     }
-    Json(out).into_response()
+    resp
 }
 
 async fn paths_info(
@@ -358,26 +419,20 @@ async fn paths_info(
     headers: HeaderMap,
     RawForm(form): RawForm,
 ) -> Response {
-    let repo = match repo(&hub, &org, &name, &rev, &headers) {
+    let (repo, commit) = match repo(&hub, &format!("{org}/{name}"), &rev, &headers) {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&form).unwrap_or_default();
+    let Ok(form) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&form) else {
+        return hf_error(StatusCode::BAD_REQUEST, "", "Invalid form body");
+    };
     let out: Vec<_> = form
         .iter()
         .filter(|(k, _)| k == "paths")
-        .filter_map(|(_, p)| repo.files.get(p))
-        .map(entry)
+        .filter_map(|(_, p)| repo.file(commit, p))
+        .map(|f| f.entry(hub.xet))
         .collect();
     Json(out).into_response()
-}
-
-fn signature(hub: &Hub, sha: &str, expires: &str) -> String {
-    let mut h = sha2::Sha256::new();
-    h.update(hub.secret);
-    h.update(sha.as_bytes());
-    h.update(expires.as_bytes());
-    hex::encode(h.finalize())
 }
 
 async fn resolve(
@@ -386,49 +441,23 @@ async fn resolve(
     Path((org, name, rev, path)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let repo = match repo(&hub, &org, &name, &rev, &headers) {
+    let id = format!("{org}/{name}");
+    let (repo, commit) = match repo(&hub, &id, &rev, &headers) {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let Some(file) = repo.files.get(&path) else {
-        return hf_error(StatusCode::NOT_FOUND, "EntryNotFound", "Entry not found");
+    let Some(file) = repo.file(commit, &path) else {
+        let mut resp = hf_error(StatusCode::NOT_FOUND, "EntryNotFound", "Entry not found");
+        resp.headers_mut()
+            .insert("x-repo-commit", commit.parse().unwrap());
+        return resp;
     };
-    if is_lfs(file) {
-        let expires = (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 3600)
-            .to_string();
-        let location = format!(
-            "{}/cdn/{}?expires={expires}&sig={}&repo={org}/{name}&path={}",
-            hub.cdn,
-            file.sha256,
-            signature(&hub, &file.sha256, &expires),
-            path
-        );
-        return (
-            StatusCode::FOUND,
-            [
-                (header::LOCATION.as_str(), location),
-                ("x-repo-commit", repo.commit.clone()),
-                ("x-linked-etag", format!("\"{}\"", file.sha256)),
-                ("x-linked-size", file.size.to_string()),
-                (header::ETAG.as_str(), format!("\"{}\"", file.git_oid)),
-            ],
-        )
-            .into_response();
+    if file.is_lfs() {
+        return serve::redirect_to_cdn(&hub, &id, commit, file);
     }
-    let mut resp = serve_bytes(
-        &hub,
-        &method,
-        &headers,
-        file,
-        &format!("{org}/{name}/{path}"),
-    )
-    .await;
+    let mut resp = serve::serve_bytes(&hub, &method, &headers, file, &format!("{id}/{path}")).await;
     let h = resp.headers_mut();
-    h.insert("x-repo-commit", repo.commit.parse().unwrap());
+    h.insert("x-repo-commit", commit.parse().unwrap());
     h.insert(
         header::ETAG,
         format!("\"{}\"", file.git_oid).parse().unwrap(),
@@ -436,104 +465,15 @@ async fn resolve(
     resp
 }
 
-async fn cdn_get(
-    State(hub): State<Arc<Hub>>,
-    method: Method,
-    Path(sha): Path<String>,
-    Query(q): Query<BTreeMap<String, String>>,
-    headers: HeaderMap,
-) -> Response {
-    let (Some(expires), Some(sig)) = (q.get("expires"), q.get("sig")) else {
-        return (StatusCode::FORBIDDEN, "missing signature").into_response();
-    };
-    if *sig != signature(&hub, &sha, expires) {
-        return (StatusCode::FORBIDDEN, "bad signature").into_response();
-    }
-    // A CDN never sees the Hub token: a client that forwards it across origins is wrong.
-    if headers.contains_key(header::AUTHORIZATION) {
-        return (
-            StatusCode::BAD_REQUEST,
-            "Authorization forwarded to the CDN",
-        )
-            .into_response();
-    }
-    let found = hub
-        .repos
-        .iter()
-        .flat_map(|(id, r)| r.files.values().map(move |f| (id, f)))
-        .find(|(_, f)| f.sha256 == sha);
-    let Some((id, file)) = found else {
-        return (StatusCode::NOT_FOUND, "no such object").into_response();
-    };
-    let mut resp = serve_bytes(
-        &hub,
-        &method,
-        &headers,
-        file,
-        &format!("{id}/{}", file.path),
-    )
-    .await;
-    resp.headers_mut().insert(
-        header::ETAG,
-        format!("\"{}\"", file.sha256).parse().unwrap(),
-    );
-    resp
-}
-
-/// The file's bytes (or a range of them), counted.
-async fn serve_bytes(
-    hub: &Hub,
-    method: &Method,
-    headers: &HeaderMap,
-    file: &RepoFile,
-    key: &str,
-) -> Response {
-    let mut bytes = std::fs::read(&file.disk).expect("repo file readable");
-    if hub.corrupt.iter().any(|c| c == key) && !bytes.is_empty() {
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x01;
-    }
-    let size = bytes.len() as u64;
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let (status, start, end) = match range.and_then(|r| r.strip_prefix("bytes=")) {
-        Some(spec) => {
-            let (a, b) = spec.split_once('-').unwrap_or((spec, ""));
-            let start: u64 = a.parse().unwrap_or(u64::MAX);
-            let end: u64 = if b.is_empty() {
-                size.saturating_sub(1)
-            } else {
-                b.parse().unwrap_or(0).min(size.saturating_sub(1))
-            };
-            if start >= size || start > end {
-                return (
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    [(header::CONTENT_RANGE, format!("bytes */{size}"))],
-                )
-                    .into_response();
-            }
-            (StatusCode::PARTIAL_CONTENT, start, end + 1)
-        }
-        None => (StatusCode::OK, 0, size),
-    };
-    let body = bytes[start as usize..end as usize].to_vec();
-    let mut resp = Response::builder()
-        .status(status)
-        .header(header::CONTENT_LENGTH, body.len())
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CONTENT_TYPE, "application/octet-stream");
-    if status == StatusCode::PARTIAL_CONTENT {
-        resp = resp.header(
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{size}", end - 1),
-        );
-    }
-    if method == Method::HEAD {
-        return resp.body(Body::empty()).unwrap();
-    }
-    hub.served.fetch_add(body.len() as u64, Ordering::Relaxed);
-    resp.body(Body::from(body)).unwrap()
-}
-
 async fn stats(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "served_bytes": hub.served.load(Ordering::Relaxed) }))
+    Json(serde_json::json!({
+        "served_bytes": hub.served.load(Ordering::Relaxed),
+        "served_per_file": *hub.served_per_file.lock().unwrap(),
+        "requests": *hub.log.lock().unwrap(),
+    }))
+}
+
+/// A file as the stand-in knows it (for `serve`).
+pub(crate) fn file_key(id: &str, f: &RepoFile) -> String {
+    format!("{id}/{}", f.path)
 }

@@ -4,10 +4,9 @@
 //!
 //! Until the whole file is there its BLAKE3 root is unknown, so pieces travel raw
 //! (`transfer::pieces`), and only between mesh members (every connection is authenticated).
-//! Each node advertises the pieces it holds and is fetching, with a random node id. A piece
-//! nobody holds or fetches goes to the origin from exactly one node: the one whose id wins a
-//! rendezvous hash for that piece among the nodes assembling the file (a piece whose owner
-//! vanished, or that stays unclaimed for [`CLAIM_WAIT`], is taken by anyone). When all pieces
+//! Each node advertises the pieces it holds and is fetching, with a random node id. A piece a
+//! peer holds is fetched from that peer; a piece nobody holds or fetches goes to the origin,
+//! split among the nodes assembling the file by rendezvous hash ([`plan`]). When all pieces
 //! are there the whole file is checked against its published hash; on a mismatch the pieces
 //! that came from peers are dropped, those peers are banned for this file, and the pieces are
 //! fetched from the origin instead.
@@ -32,7 +31,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::rendezvous;
+mod plan;
+
+use self::plan::{OriginPlan, Piece};
 use crate::{
     discovery::Connections,
     store::{
@@ -46,8 +47,8 @@ use crate::{
 const PEER_REQUESTS: usize = 4;
 /// Range requests in flight to the origin.
 const ORIGIN_REQUESTS: usize = 4;
-/// A piece still unclaimed this long after the download started may be taken by anyone.
-const CLAIM_WAIT: Duration = Duration::from_secs(5);
+/// How long a peer may take to send one piece before it is asked elsewhere.
+const PEER_PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Wait this long for other nodes to announce themselves before the first origin request.
 const SETTLE: Duration = Duration::from_millis(500);
 /// How soon a peer that had nothing (yet) is asked again.
@@ -136,15 +137,24 @@ pub enum SplitError<E> {
     },
 }
 
-/// Assembles `file` into `partial` from peers and `origin`, then checks it. Returns the bytes
-/// that came from the origin.
+/// Where the bytes of an assembled file came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Assembled {
+    /// Bytes from the origin, in this run.
+    pub from_origin: u64,
+    /// Bytes from peers, in this run.
+    pub from_peers: u64,
+}
+
+/// Assembles `file` into `partial` from peers and `origin`, then checks it against its
+/// published hash.
 pub async fn download<O: RangeOrigin>(
     origin: &O,
     file: &OriginFile,
     partial: Arc<PieceFile>,
     mut conns: watch::Receiver<Connections>,
     progress: Arc<AtomicU64>,
-) -> Result<u64, SplitError<O::Error>> {
+) -> Result<Assembled, SplitError<O::Error>> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut assembly = Assembly::new(origin, file, partial, tx);
     let mut retry_subs = tokio::time::interval(RESUBSCRIBE);
@@ -156,7 +166,7 @@ pub async fn download<O: RangeOrigin>(
         }
         assembly.assign(&conns.borrow().clone());
         tokio::select! {
-            Some(event) = rx.recv() => assembly.handle(event)?,
+            Some(event) = rx.recv() => assembly.handle(event).await?,
             changed = conns.changed() => {
                 if changed.is_ok() {
                     let current = conns.borrow_and_update().clone();
@@ -188,9 +198,10 @@ struct Assembly<'a, O: RangeOrigin> {
     origin_in_flight: usize,
     in_flight: HashSet<usize>,
     from_origin: u64,
-    /// This node's walk through the pieces: its own random order, so nodes that don't see
-    /// each other yet rarely pick the same piece.
-    order: Vec<usize>,
+    /// Bytes that came from peers.
+    from_peers: u64,
+    /// Which pieces to ask the origin for.
+    plan: OriginPlan,
 }
 
 impl<'a, O: RangeOrigin> Assembly<'a, O> {
@@ -201,10 +212,7 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
         events: mpsc::UnboundedSender<Event<O::Error>>,
     ) -> Self {
         let pieces = piece_count(file.size);
-        let mut order: Vec<usize> = (0..pieces).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, rand::random_range(0..=i));
-        }
+        let plan = OriginPlan::new(partial.node(), pieces);
         Self {
             origin,
             file,
@@ -218,7 +226,8 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
             origin_in_flight: 0,
             in_flight: HashSet::new(),
             from_origin: 0,
-            order,
+            from_peers: 0,
+            plan,
         }
     }
 
@@ -245,16 +254,12 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
     }
 
     fn bytes_here(&self) -> u64 {
-        let state = self.partial.state();
-        (0..self.pieces)
-            .filter(|&p| state.have[p])
-            .map(|p| piece_bounds(self.file.size, p).1)
-            .sum()
+        self.partial.bytes_here()
     }
 
     /// When every piece is here: checks the file against its published hash. `None` while
     /// pieces are missing or a mismatch sent us back for pieces from HuggingFace.
-    async fn check_if_whole(&mut self) -> Option<Result<u64, SplitError<O::Error>>> {
+    async fn check_if_whole(&mut self) -> Option<Result<Assembled, SplitError<O::Error>>> {
         let whole = self.partial.state().have.iter().all(|h| *h);
         if !whole || !self.in_flight.is_empty() {
             return None;
@@ -272,9 +277,16 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
             }
         };
         if digest == self.file.published.hex() {
-            return Some(Ok(self.from_origin));
+            return Some(Ok(Assembled {
+                from_origin: self.from_origin,
+                from_peers: self.from_peers,
+            }));
         }
         let culprits = self.partial.drop_pieces_from_peers();
+        if let Err(source) = self.partial.checkpoint() {
+            let path = self.partial.path().to_path_buf();
+            return Some(Err(SplitError::Io { path, source }));
+        }
         if culprits.is_empty() {
             return Some(Err(SplitError::Mismatch {
                 name: self.file.name.clone(),
@@ -292,20 +304,11 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
     }
 
     /// Starts fetching every piece we may fetch now: from a peer that has it, else from the
-    /// origin if it is ours (or unclaimed for long enough).
+    /// origin, as the [`plan`] says.
     fn assign(&mut self, conns: &Connections) {
-        let state = self.partial.state();
-        let mut ids: Vec<u64> = self
-            .peers
-            .values()
-            .filter(|v| !v.banned && v.node != 0)
-            .map(|v| v.node)
-            .collect();
-        ids.push(self.partial.node());
-        let settled = self.started.elapsed() >= SETTLE;
-        for i in 0..self.order.len() {
-            let p = self.order[i];
-            if state.have[p] || self.in_flight.contains(&p) {
+        let have = self.partial.state().have;
+        for (p, &held) in have.iter().enumerate() {
+            if held || self.in_flight.contains(&p) {
                 continue;
             }
             let source = self
@@ -316,23 +319,27 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
                 .map(|(a, _)| *a);
             if let Some(conn) = source.and_then(|addr| conns.get(&addr)) {
                 self.ask_peer(p, conn.clone());
-                continue;
             }
-            let held_elsewhere = self
-                .peers
-                .values()
-                .any(|v| !v.banned && (v.have.contains(&p) || v.pending.contains(&p)));
-            if held_elsewhere || !settled || self.origin_in_flight >= ORIGIN_REQUESTS {
-                continue;
-            }
-            let owner = ids
-                .iter()
-                .copied()
-                .max_by_key(|id| rendezvous(*id, p))
-                .expect("ids has us");
-            if owner != self.partial.node() && self.started.elapsed() < CLAIM_WAIT {
-                continue;
-            }
+        }
+        let slots = ORIGIN_REQUESTS.saturating_sub(self.origin_in_flight);
+        if slots == 0 {
+            return;
+        }
+        let usable = || self.peers.values().filter(|v| !v.banned);
+        let views: Vec<Piece> = (0..self.pieces)
+            .map(|p| Piece {
+                ours: have[p] || self.in_flight.contains(&p),
+                elsewhere: usable().any(|v| v.have.contains(&p) || v.pending.contains(&p)),
+            })
+            .collect();
+        let ids = usable().map(|v| v.node).filter(|&n| n != 0).collect();
+        let settled = self.started.elapsed() >= SETTLE;
+        let urgent = self.partial.urgent();
+        let now = Instant::now();
+        let next = (self.plan).next(&views, ids, urgent, settled, slots, ORIGIN_REQUESTS, now);
+        for p in next {
+            let (rank, owner) = self.plan.rank(p);
+            debug!(piece = p, rank, owner, me = self.partial.node(), file = %self.file.name, "asking the origin");
             self.ask_origin(p);
         }
     }
@@ -346,7 +353,15 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
         self.partial.set_pending(piece, true);
         let (events, etag) = (self.events.clone(), self.partial.etag().to_string());
         self.tasks.spawn(async move {
-            let result = get_piece(&conn, &etag, piece).await;
+            let result = match tokio::time::timeout(
+                PEER_PIECE_TIMEOUT,
+                get_piece(&conn, &etag, piece),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(PieceError::Stalled { peer, piece }),
+            };
             let _ = events.send(Event::FromPeer {
                 piece,
                 peer,
@@ -368,9 +383,10 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
         });
     }
 
-    fn handle(&mut self, event: Event<O::Error>) -> Result<(), SplitError<O::Error>> {
+    async fn handle(&mut self, event: Event<O::Error>) -> Result<(), SplitError<O::Error>> {
         match event {
             Event::Have { peer, news } => {
+                debug!(%peer, file = %self.file.name, have = news.have.len(), pending = news.pending.len(), "piece news");
                 if let Some(view) = self.peers.get_mut(&peer) {
                     view.node = news.node;
                     view.have = news.have;
@@ -390,7 +406,10 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
                     v.in_flight -= 1;
                 }
                 match result {
-                    Ok(bytes) => self.store(piece, &bytes, Some(peer))?,
+                    Ok(bytes) => {
+                        self.from_peers += bytes.len() as u64;
+                        self.store(piece, bytes, Some(peer)).await?;
+                    }
                     Err(e) => {
                         debug!(piece, %peer, "piece failed: {e}");
                         self.partial.set_pending(piece, false);
@@ -407,21 +426,24 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
                     self.partial.set_pending(piece, false);
                     SplitError::Origin(e)
                 })?;
-                self.store(piece, &bytes, None)?;
                 self.from_origin += bytes.len() as u64;
+                self.store(piece, bytes, None).await?;
             }
         }
         Ok(())
     }
 
-    fn store(
+    /// Writes a piece (off the async threads: a checkpoint syncs the file).
+    async fn store(
         &self,
         piece: usize,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         from: Option<SocketAddr>,
     ) -> Result<(), SplitError<O::Error>> {
-        self.partial
-            .store_piece(piece, bytes, from)
+        let partial = self.partial.clone();
+        tokio::task::spawn_blocking(move || partial.store_piece(piece, &bytes, from))
+            .await
+            .expect("piece write panicked")
             .map_err(|source| SplitError::Io {
                 path: self.partial.path().to_path_buf(),
                 source,
