@@ -366,10 +366,20 @@ impl FakeHub {
 
     /// Body bytes the fake Hub has served so far (API and CDN).
     pub fn served_bytes(&self) -> u64 {
+        self.stats()["served_bytes"].as_u64().unwrap()
+    }
+
+    /// The fake Hub's counters: `served_bytes`, `served_per_file` (by `org/name/path`) and
+    /// `requests` (`METHOD uri [range] status`).
+    pub fn stats(&self) -> serde_json::Value {
         let addr: SocketAddr = self.endpoint.trim_start_matches("http://").parse().unwrap();
         let body = http_get(addr, "/_stats").expect("fake-hf stats");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["served_bytes"].as_u64().unwrap()
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Content bytes served so far of `org/name/path`.
+    pub fn served_of(&self, file: &str) -> u64 {
+        self.stats()["served_per_file"][file].as_u64().unwrap_or(0)
     }
 }
 
@@ -378,6 +388,38 @@ impl Drop for FakeHub {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs one HuggingFace client call (`tests/py/hf_client.py ARGS`) against `endpoint` with a
+/// cache of its own under `home`, and returns what it printed (a JSON object).
+pub fn hf_client(
+    endpoint: &str,
+    home: &Path,
+    token: Option<&str>,
+    args: &[&str],
+) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/hf_client.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script)
+        .args(args)
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", home)
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN");
+    if let Some(token) = token {
+        cmd.env("HF_TOKEN", token);
+    }
+    let out = cmd.output().expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        print_output(&format!("hf_client.py {}", args.join(" ")), &out);
+        panic!("hf_client.py printed no JSON ({e})")
+    })
 }
 
 /// Prints a finished command's exit code and output, for test logs.

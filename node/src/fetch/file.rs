@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use super::{ask_manifest, FetchError, Fetcher};
 use crate::{
-    hf::{HubError, HubFile, HubRange, RepoInfo},
+    hf::{Hub, HubError, HubFile, HubRange, RepoInfo},
     store::{blocking, pieces::PieceFile, ranges, PartialBlob, StoreError},
     swarm::{origin, FileJob},
 };
@@ -61,8 +61,14 @@ pub(crate) type Downloads = std::sync::Mutex<HashMap<String, watch::Receiver<Fil
 
 impl Fetcher {
     /// Starts fetching `file` of `info`'s commit into the store, or joins the download
-    /// already running for it. `progress` (of a new download) counts verified bytes.
-    pub fn fetch_file(&self, info: &RepoInfo, file: &HubFile) -> watch::Receiver<FileState> {
+    /// already running for it. `token` is the HF token to download with if the node has none
+    /// (a client's that the Hub accepted for this repo).
+    pub fn fetch_file(
+        &self,
+        info: &RepoInfo,
+        file: &HubFile,
+        token: Option<&str>,
+    ) -> watch::Receiver<FileState> {
         let mut downloads = self.downloads.lock().expect("downloads lock poisoned");
         if let Some(rx) = downloads.get(file.etag()) {
             if !matches!(*rx.borrow(), FileState::Failed(_)) {
@@ -72,8 +78,9 @@ impl Fetcher {
         let (tx, rx) = watch::channel(FileState::Starting);
         downloads.insert(file.etag().to_string(), rx.clone());
         let (this, info, file) = (self.clone(), info.clone(), file.clone());
+        let hub = self.meta.hub().or_token(token);
         tokio::spawn(async move {
-            let state = match this.fetch_file_impl(&info, &file, &tx).await {
+            let state = match this.fetch_file_impl(&info, &file, hub, &tx).await {
                 Ok((hash, tally)) => FileState::Done { hash, tally },
                 Err(e) => {
                     warn!(path = %file.path, "fetching a file failed: {e}");
@@ -129,6 +136,7 @@ impl Fetcher {
         &self,
         info: &RepoInfo,
         file: &HubFile,
+        hub: Hub,
         state: &watch::Sender<FileState>,
     ) -> Result<(Hash, FileTally), FetchError> {
         let store = self.store.clone();
@@ -152,7 +160,7 @@ impl Fetcher {
             };
             return Ok((hash, tally));
         }
-        let (hash, tally) = self.file_from_hub(info, file, state).await?;
+        let (hash, tally) = self.file_from_hub(info, file, hub, state).await?;
         debug!(path = %file.path, ?tally, "file from HuggingFace");
         self.record_commit_file(info, file, hash).await?;
         Ok((hash, tally))
@@ -224,6 +232,7 @@ impl Fetcher {
         &self,
         info: &RepoInfo,
         file: &HubFile,
+        hub: Hub,
         state: &watch::Sender<FileState>,
     ) -> Result<(Hash, FileTally), FetchError> {
         let part = self.store.hub_part_path(file.etag());
@@ -237,7 +246,7 @@ impl Fetcher {
             })?;
         let _ = state.send(FileState::FromOrigin(partial.clone()));
         let range = HubRange {
-            hub: self.meta.hub().clone(),
+            hub,
             repo: info.repo.clone(),
             commit: info.commit.clone(),
             file: file.clone(),

@@ -354,7 +354,7 @@ impl Source for HubOrigin {
                 if running.len() >= FILES_AT_ONCE {
                     ended.extend(running.join_next().await);
                 }
-                let rx = fetcher.fetch_file(&self.info, &files[i].file);
+                let rx = fetcher.fetch_file(&self.info, &files[i].file, None);
                 let (size, progress) = (files[i].file.size, files[i].progress.clone());
                 running.spawn(async move { (i, Fetcher::follow_file(rx, size, &progress).await) });
             }

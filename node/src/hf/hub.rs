@@ -148,6 +148,16 @@ impl Hub {
         self.token.is_some()
     }
 
+    /// This client, with `token` for the node's own requests if it has none of its own (a
+    /// client of the HF endpoint that the Hub lets read a gated repo, for that repo's files).
+    pub fn or_token(&self, token: Option<&str>) -> Self {
+        let mut hub = self.clone();
+        if hub.token.is_none() {
+            hub.token = token.map(str::to_string);
+        }
+        hub
+    }
+
     /// Whether `HF_HUB_OFFLINE` is set.
     pub fn is_offline(&self) -> bool {
         self.offline

@@ -26,6 +26,7 @@
 //!   resolve, `xetHash` in tree entries), which a proxy must not pass on;
 //! - `--stall-once-after N`: the first CDN body of each file stops after N bytes and holds the
 //!   connection open; `--fail-first N`: the first N requests get a 503 with `Retry-After: 1`;
+//!   `--rate B`: each body goes out at most B bytes per second;
 //! - `GET /_stats`: body bytes served (API + CDN, counted as they are sent), per file, and
 //!   every request as `METHOD path status`.
 
@@ -91,6 +92,9 @@ struct Opt {
     /// The first N requests answer 503 with `Retry-After: 1`.
     #[arg(long, default_value_t = 0)]
     fail_first: u64,
+    /// Send each file body at most this fast (bytes per second, per request).
+    #[arg(long)]
+    rate: Option<u64>,
     /// Write "API CDN" addresses to this file once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -104,6 +108,7 @@ pub(crate) struct Hub {
     xet: bool,
     tree_page_size: usize,
     stall_once_after: Option<u64>,
+    rate: Option<u64>,
     /// `http://API` and `http://CDN`.
     api: String,
     cdn: String,
@@ -133,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         xet: opt.xet,
         tree_page_size: opt.tree_page_size.max(1),
         stall_once_after: opt.stall_once_after,
+        rate: opt.rate,
         api: format!("http://{}", api.local_addr()?),
         cdn: format!("http://{}", cdn.local_addr()?),
         served: AtomicU64::new(0),

@@ -73,7 +73,21 @@ pub(super) async fn resolve(
             "an earlier download of this file was aborted: download it again from the start",
         );
     }
-    match stream::body(&state.fetcher, &state.poisoned, info, file, (start, end)).await {
+    // A client the Hub lets read a gated repo may fetch its files with its own token (never
+    // the node's API token, which stays here).
+    let token = match state.hub_auth(&headers) {
+        crate::hf::Auth::Client(token) => token,
+        crate::hf::Auth::Node => None,
+    };
+    let body = stream::body(
+        &state.fetcher,
+        &state.poisoned,
+        info,
+        file,
+        (start, end),
+        token,
+    );
+    match body.await {
         Ok(body) => resp.body(body).expect("valid response"),
         Err(e) => fetch_error(&e),
     }

@@ -71,6 +71,7 @@ pub(super) async fn body(
     info: &RepoInfo,
     file: &HubFile,
     (start, end): (u64, u64),
+    token: Option<&str>,
 ) -> Result<Body, Arc<FetchError>> {
     let (tx, mut rx) = mpsc::channel::<Chunk>(BUFFERED);
     let store = fetcher.store.clone();
@@ -94,7 +95,7 @@ pub(super) async fn body(
             });
         }
         None => {
-            let state = fetcher.fetch_file(info, file);
+            let state = fetcher.fetch_file(info, file, token);
             let follower = Follower {
                 state,
                 size: file.size,

@@ -17,6 +17,9 @@ use tokio_stream::StreamExt;
 
 use crate::{file_key, repo::RepoFile, Hub};
 
+/// Bytes read and sent at a time.
+const CHUNK: usize = 64 << 10;
+
 fn signature(hub: &Hub, sha: &str, expires: &str) -> String {
     let mut h = sha2::Sha256::new();
     h.update(hub.secret);
@@ -177,10 +180,13 @@ pub(crate) async fn serve_bytes(
         first
     });
     let limit = stall_at.map_or(end - start, |n| n.min(end - start));
+    let pace = hub
+        .rate
+        .map(|rate| std::time::Duration::from_secs_f64(CHUNK as f64 / rate.max(1) as f64));
     let (hub, key) = (hub.clone(), key.to_string());
     let mut offset = start;
     let stream =
-        tokio_util::io::ReaderStream::with_capacity(f.take(limit), 64 << 10).map(move |chunk| {
+        tokio_util::io::ReaderStream::with_capacity(f.take(limit), CHUNK).map(move |chunk| {
             let mut chunk = chunk?.to_vec();
             if corrupt && (offset..offset + chunk.len() as u64).contains(&mid) {
                 chunk[(mid - offset) as usize] ^= 0x01;
@@ -195,10 +201,10 @@ pub(crate) async fn serve_bytes(
                 .or_default() += n;
             Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk))
         });
-    let body = if stall_at.is_some() {
-        Body::from_stream(stream.chain(tokio_stream::pending()))
-    } else {
-        Body::from_stream(stream)
+    let body = match (stall_at.is_some(), pace) {
+        (true, _) => Body::from_stream(stream.chain(tokio_stream::pending())),
+        (false, Some(pace)) => Body::from_stream(stream.throttle(pace)),
+        (false, None) => Body::from_stream(stream),
     };
     resp.body(body).unwrap()
 }

@@ -1,0 +1,502 @@
+//! Issue E: real HuggingFace clients — huggingface_hub, the `hf` CLI, transformers and the Rust
+//! `hf-hub` crate — through a mesh node's HF endpoint get the same files, commits and
+//! exception classes as from the Hub stand-in directly. Each client call runs with a cache of
+//! its own, once against `fake-hf` and once against the node (whose own `HF_ENDPOINT` is
+//! `fake-hf`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{prereq, util::*};
+
+const TINY: &str = "org/tiny";
+const DIFF: &str = "org/diffusers";
+const GATED: &str = "org/gated";
+const TOKEN: &str = "hf_secret";
+
+/// A tokenizer-and-config repo transformers can load, a weight file (LFS) and a sub-folder.
+fn make_tiny(dir: &Path, seed: u64) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-bert");
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    write_file(&dir.join("model.safetensors"), (3 << 20) + 17, seed);
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/extra.json"), b"{\"extra\": true}\n").unwrap();
+}
+
+/// A diffusers-style repo: model_index.json, components in folders, fp32 and fp16 weights.
+fn make_diffusers(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("model_index.json"),
+        br#"{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}"#,
+    )
+    .unwrap();
+    for (i, comp) in ["unet", "text_encoder", "vae"].iter().enumerate() {
+        let i = i as u64;
+        std::fs::create_dir_all(dir.join(comp)).unwrap();
+        std::fs::write(dir.join(comp).join("config.json"), b"{}\n").unwrap();
+        let name = if *comp == "text_encoder" {
+            "model"
+        } else {
+            "diffusion_pytorch_model"
+        };
+        write_file(
+            &dir.join(comp).join(format!("{name}.safetensors")),
+            (4 << 20) + i,
+            50 + i,
+        );
+        write_file(
+            &dir.join(comp).join(format!("{name}.fp16.safetensors")),
+            (2 << 20) + i,
+            60 + i,
+        );
+    }
+    std::fs::create_dir_all(dir.join("scheduler")).unwrap();
+    std::fs::write(dir.join("scheduler/scheduler_config.json"), b"{}\n").unwrap();
+}
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    hub: FakeHub,
+    node: NodeProc,
+    /// The repo folders, by id.
+    dirs: Vec<(String, PathBuf)>,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let tiny = tmp.path().join("tiny");
+        make_tiny(&tiny, 41);
+        let tiny_v1 = tmp.path().join("tiny-v1");
+        make_tiny(&tiny_v1, 41);
+        let gated = tmp.path().join("gated");
+        make_tiny(&gated, 42);
+        std::fs::write(
+            tiny_v1.join("config.json"),
+            b"{\"model_type\": \"bert\", \"vocab_size\": 20, \"v\": 1}\n",
+        )
+        .unwrap();
+        let diff = tmp.path().join("diffusers");
+        make_diffusers(&diff);
+        let args = [
+            "--repo".to_string(),
+            format!("{TINY}={}", tiny.display()),
+            "--repo".into(),
+            format!("{TINY}@v1.0={}", tiny_v1.display()),
+            "--repo".into(),
+            format!("{DIFF}={}", diff.display()),
+            "--repo".into(),
+            format!("{GATED}={}", gated.display()),
+            "--gated".into(),
+            GATED.into(),
+            "--token".into(),
+            TOKEN.into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let hub = FakeHub::start(tmp.path(), None, "127.0.0.1", &args).unwrap();
+        let node = NodeProc::start_env(
+            &tmp.path().join("node"),
+            None,
+            None,
+            "127.0.0.1",
+            &[],
+            &[("HF_ENDPOINT", hub.endpoint.as_str())],
+        )
+        .unwrap();
+        let dirs = vec![(TINY.into(), tiny), (DIFF.into(), diff)];
+        Self {
+            tmp,
+            hub,
+            node,
+            dirs,
+        }
+    }
+
+    fn node_endpoint(&self) -> String {
+        format!("http://{}", self.node.api)
+    }
+
+    /// A fresh client cache folder.
+    fn home(&self, name: &str) -> PathBuf {
+        let dir = self.tmp.path().join("clients").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// One client call direct and through the node; asserts both got the same.
+    fn same(&self, label: &str, token: Option<&str>, args: &[&str], table: &mut Vec<String>) {
+        let direct = hf_client(
+            &self.hub.endpoint,
+            &self.home(&format!("{label}-direct")),
+            token,
+            args,
+        );
+        let via = hf_client(
+            &self.node_endpoint(),
+            &self.home(&format!("{label}-node")),
+            token,
+            args,
+        );
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        };
+        table.push(format!(
+            "| {label} | {} s | {} s | {} |",
+            direct["seconds"],
+            via["seconds"],
+            if strip(&direct) == strip(&via) {
+                "yes"
+            } else {
+                "NO"
+            }
+        ));
+        assert_eq!(
+            strip(&direct),
+            strip(&via),
+            "{label}: direct vs through the node"
+        );
+    }
+}
+
+#[test]
+fn real_clients_get_the_same_through_the_node_as_from_the_hub() {
+    let test = "real_clients_get_the_same_through_the_node_as_from_the_hub";
+    if !prereq::python(test, &["huggingface_hub", "transformers"]) {
+        return;
+    }
+    let s = Setup::new();
+    let mut table = vec![
+        "| client call | direct | through the node | identical |".to_string(),
+        "|---|---|---|---|".to_string(),
+    ];
+    // Metadata first: it must not move file content.
+    s.same("model_info(repo)", None, &["info", TINY], &mut table);
+    s.same(
+        "model_info(repo, v1.0)",
+        None,
+        &["info", TINY, "--revision", "v1.0"],
+        &mut table,
+    );
+    assert_eq!(s.hub.served_of(&format!("{TINY}/model.safetensors")), 0);
+    s.same(
+        "snapshot_download(*.json)",
+        None,
+        &["snapshot", TINY, "--allow", "*.json"],
+        &mut table,
+    );
+    let weights = format!("{TINY}/model.safetensors");
+    assert_eq!(
+        s.hub.served_of(&weights),
+        0,
+        "a *.json snapshot fetched the weights"
+    );
+    s.same("snapshot_download", None, &["snapshot", TINY], &mut table);
+    s.same(
+        "hf_hub_download",
+        None,
+        &["download", TINY, "model.safetensors"],
+        &mut table,
+    );
+    s.same(
+        "hf_hub_download(v1.0)",
+        None,
+        &["download", TINY, "config.json", "--revision", "v1.0"],
+        &mut table,
+    );
+    let info = hf_client(&s.hub.endpoint, &s.home("sha"), None, &["info", TINY]);
+    let sha = info["sha"].as_str().unwrap().to_string();
+    s.same(
+        "hf_hub_download(pinned sha)",
+        None,
+        &["download", TINY, "config.json", "--revision", &sha],
+        &mut table,
+    );
+    s.same("AutoConfig", None, &["config", TINY], &mut table);
+    s.same("AutoTokenizer", None, &["tokenizer", TINY], &mut table);
+    // Errors: the same exception classes.
+    s.same(
+        "missing file",
+        None,
+        &["download", TINY, "nope.json"],
+        &mut table,
+    );
+    s.same(
+        "unknown revision",
+        None,
+        &["download", TINY, "config.json", "--revision", "v9.9"],
+        &mut table,
+    );
+    s.same(
+        "unknown sha",
+        None,
+        &[
+            "download",
+            TINY,
+            "config.json",
+            "--revision",
+            &"0".repeat(40),
+        ],
+        &mut table,
+    );
+    s.same(
+        "unknown repo",
+        None,
+        &["download", "org/none", "config.json"],
+        &mut table,
+    );
+    s.same(
+        "gated, no token",
+        None,
+        &["download", GATED, "config.json"],
+        &mut table,
+    );
+    s.same(
+        "gated, token",
+        Some(TOKEN),
+        &["download", GATED, "config.json"],
+        &mut table,
+    );
+    // The weights crossed from the Hub twice for the direct calls that ask for them (the
+    // snapshot and hf_hub_download, each with a cache of its own) and once for the node, for
+    // both of its clients.
+    assert_eq!(
+        s.hub.served_of(&weights),
+        3 * std::fs::metadata(s.dirs[0].1.join("model.safetensors"))
+            .unwrap()
+            .len(),
+        "the node fetched the weights more than once"
+    );
+    hf_cli_matches(&s, &mut table);
+    hf_hub_crate_matches(&s, &mut table);
+    eprintln!("{}", table.join("\n"));
+}
+
+/// `hf download REPO --local-dir DIR`, direct and through the node: the same files.
+fn hf_cli_matches(s: &Setup, table: &mut Vec<String>) {
+    let run = |endpoint: &str, label: &str| {
+        let out = s.tmp.path().join(format!("cli-{label}"));
+        let started = Instant::now();
+        let status = Command::new("hf")
+            .args(["download", TINY, "--local-dir"])
+            .arg(&out)
+            .env("HF_ENDPOINT", endpoint)
+            .env("HF_HOME", s.home(&format!("cli-{label}")))
+            .env("HF_HUB_DISABLE_TELEMETRY", "1")
+            .env_remove("HF_TOKEN")
+            .status()
+            .expect("the hf CLI runs");
+        assert!(status.success(), "hf download ({label}) failed");
+        (out, started.elapsed().as_secs_f64())
+    };
+    let (direct, t1) = run(&s.hub.endpoint, "direct");
+    let (via, t2) = run(&s.node_endpoint(), "node");
+    let strip = |dir: &Path| {
+        let _ = std::fs::remove_dir_all(dir.join(".cache"));
+    };
+    strip(&direct);
+    strip(&via);
+    assert_same_tree(&direct, &via);
+    assert_same_tree(&s.dirs[0].1, &via);
+    table.push(format!(
+        "| hf download (CLI) | {t1:.3} s | {t2:.3} s | yes |"
+    ));
+}
+
+/// The Rust `hf-hub` crate: a file, revision info, and a missing file.
+fn hf_hub_crate_matches(s: &Setup, table: &mut Vec<String>) {
+    let bin = mesh_bin().with_file_name("hf-hub-client");
+    let run = |endpoint: &str, label: &str, args: &[&str]| {
+        let started = Instant::now();
+        let out = Command::new(&bin)
+            .args(["--endpoint", endpoint, "--cache"])
+            .arg(s.home(&format!("hfhub-{label}")))
+            .args(["--repo", TINY])
+            .args(args)
+            .output()
+            .expect("hf-hub-client runs");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("hf-hub-client prints JSON");
+        (v, started.elapsed().as_secs_f64())
+    };
+    for (label, args) in [
+        ("get", &["get", "model.safetensors"][..]),
+        ("info", &["info"][..]),
+        ("missing", &["get", "nope.json"][..]),
+    ] {
+        let (direct, t1) = run(&s.hub.endpoint, &format!("{label}-direct"), args);
+        let (via, t2) = run(&s.node_endpoint(), &format!("{label}-node"), args);
+        // Errors name the URL, which differs; their kind must not.
+        let same = if direct["ok"] == true {
+            direct == via
+        } else {
+            via["ok"] == false && via["error"].as_str().unwrap().contains("404")
+        };
+        table.push(format!(
+            "| hf-hub {label} | {t1:.3} s | {t2:.3} s | {} |",
+            if same { "yes" } else { "NO" }
+        ));
+        assert!(same, "hf-hub {label}: {direct} vs {via}");
+    }
+}
+
+#[test]
+fn a_diffusers_fp16_selection_fetches_only_the_fp16_files() {
+    let test = "a_diffusers_fp16_selection_fetches_only_the_fp16_files";
+    if !prereq::python(test, &["huggingface_hub"]) {
+        return;
+    }
+    let s = Setup::new();
+    let got = hf_client(
+        &s.node_endpoint(),
+        &s.home("fp16"),
+        None,
+        &[
+            "snapshot",
+            DIFF,
+            "--allow",
+            "*.json",
+            "--allow",
+            "*.fp16.safetensors",
+        ],
+    );
+    assert_eq!(got["ok"], true, "{got}");
+    let files = got["files"].as_object().unwrap();
+    // model_index.json, the scheduler's and three components' configs, three fp16 weights.
+    assert_eq!(files.len(), 8, "{files:?}");
+    let stats = s.hub.stats();
+    for (file, served) in stats["served_per_file"].as_object().unwrap() {
+        let served = served.as_u64().unwrap();
+        if file.ends_with(".safetensors") && !file.contains(".fp16.") {
+            assert_eq!(
+                served, 0,
+                "{file}: fp32 weights fetched for an fp16 selection"
+            );
+        }
+    }
+    let fp16: u64 = (0..3).map(|i| (2 << 20) + i).sum();
+    let served: u64 = stats["served_bytes"].as_u64().unwrap();
+    assert!(
+        served < fp16 + (64 << 10),
+        "served {served} bytes for {fp16} of fp16 weights"
+    );
+}
+
+#[test]
+fn eight_clients_at_once_on_a_cold_repo_share_one_download() {
+    let test = "eight_clients_at_once_on_a_cold_repo_share_one_download";
+    if !prereq::python(test, &["huggingface_hub"]) {
+        return;
+    }
+    let s = Setup::new();
+    let endpoint = s.node_endpoint();
+    let homes: Vec<PathBuf> = (0..8).map(|i| s.home(&format!("c{i}"))).collect();
+    let results: Vec<serde_json::Value> = std::thread::scope(|scope| {
+        let runs: Vec<_> = homes
+            .iter()
+            .map(|home| scope.spawn(|| hf_client(&endpoint, home, None, &["snapshot", TINY])))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["files"], results[0]["files"]);
+    }
+    let size: u64 = list_files(&s.dirs[0].1)
+        .iter()
+        .map(|f| std::fs::metadata(s.dirs[0].1.join(f)).unwrap().len())
+        .sum();
+    let served = s.hub.served_bytes();
+    assert!(
+        served <= size,
+        "the Hub served {served} bytes for a {size}-byte repo"
+    );
+    // The store stayed consistent: a fetch afterwards finds everything here.
+    let out = s.tmp.path().join("out");
+    let run = mesh(
+        &s.node.home,
+        None,
+        &["fetch", TINY, "--json", "--to", out.to_str().unwrap()],
+    );
+    assert!(run.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["bytes_from_hf"], 0, "{report}");
+    assert_same_tree(&s.dirs[0].1, &out);
+}
+
+#[test]
+fn gated_repos_need_a_token_the_hub_accepts_and_foreign_hosts_are_refused() {
+    let s = Setup::new();
+    let url = format!("/{GATED}/resolve/main/config.json");
+    let status =
+        |auth: Option<&str>, host: Option<&str>| raw_status(s.node.api, "GET", &url, auth, host);
+    assert_eq!(status(None, None), (401, "GatedRepo".into()));
+    assert_eq!(status(Some("hf_wrong"), None), (403, "GatedRepo".into()));
+    assert_eq!(status(Some(TOKEN), None), (200, String::new()));
+    // Cached metadata and content are no key either: a request without a token is refused.
+    assert_eq!(status(None, None), (401, "GatedRepo".into()));
+    // The node owner's API token opens it.
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.node.home.join("node.json")).unwrap())
+            .unwrap();
+    let owner = info["token"].as_str().unwrap();
+    assert_eq!(status(Some(owner), None), (200, String::new()));
+    // A page that made its own name resolve to 127.0.0.1 (DNS rebinding) gets nothing.
+    assert_eq!(status(Some(TOKEN), Some("attacker.example")).0, 403);
+    assert_eq!(
+        raw_status(
+            s.node.api,
+            "GET",
+            "/v1/models",
+            None,
+            Some("attacker.example:7342")
+        )
+        .0,
+        403
+    );
+    eprintln!("gated: no token 401 GatedRepo, wrong token 403 GatedRepo, foreign Host 403");
+}
+
+/// Status and `X-Error-Code` of one raw HTTP/1.1 request to the node's API.
+fn raw_status(
+    api: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    host: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(api).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let host = host.map_or(api.to_string(), str::to_string);
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        req.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    let _ = stream.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let code = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-error-code")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, code)
+}
