@@ -95,6 +95,27 @@ impl NetLab {
         Ok(lab)
     }
 
+    /// Shapes host `i`'s link (both ways) to `rate` instead of the lab's rate.
+    pub fn set_rate(&self, i: usize, rate: &str) -> Result<()> {
+        let burst = (rate_bits(rate)? / 8 / 250).max(32768).to_string();
+        let tbf = [
+            "root", "tbf", "rate", rate, "burst", &burst, "latency", "50ms",
+        ];
+        let (h, sw, p) = (
+            self.ns(i),
+            format!("{}-sw", self.prefix),
+            format!("{}p{i}", self.prefix),
+        );
+        for (ns, dev) in [(h.as_str(), "eth0"), (sw.as_str(), p.as_str())] {
+            let mut cmd = vec![
+                "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev,
+            ];
+            cmd.extend(tbf);
+            run(&cmd)?;
+        }
+        Ok(())
+    }
+
     /// Host `i`'s namespace name.
     pub fn ns(&self, i: usize) -> String {
         format!("{}-h{i}", self.prefix)

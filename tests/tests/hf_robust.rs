@@ -54,7 +54,10 @@ fn a_stalled_body_and_503s_from_the_hub_are_asked_again() {
         .iter()
         .map(|r| r.as_str().unwrap())
         .collect();
-    assert!(requests.iter().any(|r| r.ends_with(" 503")), "no 503: {requests:?}");
+    assert!(
+        requests.iter().any(|r| r.ends_with(" 503")),
+        "no 503: {requests:?}"
+    );
     // The stalled range was asked for again.
     let ranges: Vec<&str> = requests
         .iter()
@@ -97,7 +100,10 @@ fn a_download_killed_mid_way_resumes_from_its_checkpointed_pieces() {
             break record["pieces"].as_array().unwrap().len() as u64;
         }
         assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(first.try_wait().unwrap().is_none(), "the fetch ended too soon");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the fetch ended too soon"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     first.kill().unwrap();

@@ -1,0 +1,211 @@
+//! HuggingFace benchmark: a model that so far lives only on the Hub reaches N nodes behind one
+//! thin uplink. The Hub stand-in (`fake-hf`) runs on host 1, whose link is the school's uplink
+//! (default 40 Mbit); the N nodes on hosts 2..N+1 have LAN links (default 400 Mbit) and find
+//! each other by mDNS. Prints the bytes the Hub served / the repo's size, and the fleet's time
+//! / (size / uplink), with a direct download over the same uplink in the same run as the
+//! baseline; CPU-seconds of the fleet beside it. With `--ttfb`, also the time to the first byte
+//! of a cold 1 GiB file through a node's HF endpoint, against the Hub directly.
+//!
+//! `cargo build --release -p mesh-cli -p mesh-tests -p mesh-bench && target/release/hf --nodes 8`
+//! (as root).
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use mesh_bench::*;
+use mesh_tests::{
+    netlab::{self, rate_bits, NetLab},
+    util::{FakeHub, NodeProc},
+};
+
+#[derive(Parser, Debug)]
+struct Opt {
+    /// Nodes fetching.
+    #[arg(long, default_value_t = 8)]
+    nodes: usize,
+    /// The Hub's uplink, tc syntax.
+    #[arg(long, default_value = "40mbit")]
+    uplink: String,
+    /// Each node's LAN link, tc syntax.
+    #[arg(long, default_value = "400mbit")]
+    lan: String,
+    /// Repo size in MiB (one weight file and a small config).
+    #[arg(long, default_value_t = 64)]
+    size_mib: u64,
+    /// Also measure the time to the first byte of a cold 1 GiB file through the endpoint.
+    #[arg(long)]
+    ttfb: bool,
+}
+
+const KEY: &str = "bench-hf-key";
+const REPO: &str = "org/bench";
+
+fn main() -> Result<()> {
+    let opt = Opt::parse();
+    if !netlab::available() {
+        bail!("the hf benchmark needs root with ip and tc");
+    }
+    let tmp = tempfile::tempdir()?;
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo)?;
+    let size = opt.size_mib << 20;
+    make_file(&repo.join("weights.safetensors"), size)?;
+    std::fs::write(repo.join("config.json"), b"{\"bench\": true}\n")?;
+    let repo_size = size + 16;
+    if opt.ttfb {
+        make_file(&repo.join("big.safetensors"), 1 << 30)?;
+    }
+    let lab = NetLab::up("mhf", "10.84.0", opt.nodes + 1, Some(&opt.lan))?;
+    lab.set_rate(1, &opt.uplink)?;
+    let spec = format!("{REPO}={}", repo.display());
+    let hub = FakeHub::start(
+        tmp.path(),
+        Some(&lab.ns(1)),
+        &lab.addr(1),
+        &["--repo", &spec],
+    )?;
+    let bound = repo_size as f64 * 8.0 / rate_bits(&opt.uplink)? as f64;
+    let direct = direct_download(&lab, &hub)?;
+    let served0 = served(&hub, &lab)?;
+    let (fleet, cpu) = run_fleet(&opt, &lab, &hub, tmp.path())?;
+    let served = served(&hub, &lab)? - served0;
+    println!(
+        "\n{} MiB repo, {} nodes, uplink {}, LAN {}; size/uplink = {bound:.1} s",
+        opt.size_mib, opt.nodes, opt.uplink, opt.lan
+    );
+    println!("| run | seconds | x size/uplink | HF bytes / repo | fleet CPU-s |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| direct download (curl, one host) | {direct:.1} | {:.3} | 1.000 | |",
+        direct / bound
+    );
+    println!(
+        "| mesh, {} nodes | {fleet:.1} | {:.3} | {:.4} | {cpu:.1} |",
+        opt.nodes,
+        fleet / bound,
+        served as f64 / repo_size as f64
+    );
+    if opt.ttfb {
+        ttfb(&lab, &hub, tmp.path())?;
+    }
+    Ok(())
+}
+
+/// The Hub's served bytes, asked from inside host 1 (its API listens there).
+fn served(hub: &FakeHub, lab: &NetLab) -> Result<u64> {
+    let out = lab
+        .cmd(1, "curl")
+        .args(["-s", &format!("{}/_stats", hub.endpoint)])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fake-hf stats")?;
+    v["served_bytes"].as_u64().context("served_bytes")
+}
+
+/// One host downloads the weights straight from the Hub with curl: the uplink's own time.
+fn direct_download(lab: &NetLab, hub: &FakeHub) -> Result<f64> {
+    let url = format!("{}/{REPO}/resolve/main/weights.safetensors", hub.endpoint);
+    let out = lab
+        .cmd(2, "curl")
+        .args(["-s", "-L", "-o", "/dev/null", "-w", "%{time_total}", &url])
+        .output()?;
+    if !out.status.success() {
+        bail!("direct download failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// Every node fetches the repo at once; returns the seconds until the last one is done, and
+/// the fleet's CPU-seconds.
+fn run_fleet(opt: &Opt, lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<(f64, f64)> {
+    let env = [("HF_ENDPOINT", hub.endpoint.as_str())];
+    let mut nodes = Vec::new();
+    for i in 2..=opt.nodes + 1 {
+        let home = dir.join(format!("h{i}"));
+        nodes.push(NodeProc::start_env(
+            &home,
+            Some(KEY),
+            Some(&lab.ns(i)),
+            &lab.addr(i),
+            &[],
+            &env,
+        )?);
+    }
+    std::thread::sleep(Duration::from_secs(3)); // mDNS settles, as in a running lab
+    let cpu0: f64 = nodes
+        .iter()
+        .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
+        .sum();
+    let start = Instant::now();
+    let fetches: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let out = n.home.join("out");
+            n.spawn_cli(&["fetch", REPO, "--json", "--to", out.to_str().unwrap()])
+        })
+        .collect();
+    let mut last = 0.0f64;
+    for (i, child) in fetches.into_iter().enumerate() {
+        let out = child.wait_with_output()?;
+        let done = start.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!(
+                "fetch on host {} failed: {}",
+                i + 2,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        eprintln!(
+            "node {} done at {done:.1} s: {} bytes from HF, {} from peers",
+            i + 2,
+            report["bytes_from_hf"],
+            report["bytes_from_peers"]
+        );
+        last = last.max(done);
+    }
+    let cpu: f64 = nodes
+        .iter()
+        .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
+        .sum::<f64>()
+        - cpu0;
+    Ok((last, cpu))
+}
+
+/// Time to the first byte of a cold 1 GiB file, through node 2's HF endpoint and straight
+/// from the Hub (both from inside host 2 and 3, aborted after 5 s).
+fn ttfb(lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<()> {
+    let first_byte = |host: usize, url: &str| -> Result<f64> {
+        let out = lab
+            .cmd(host, "curl")
+            .args([
+                "-s",
+                "-L",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "-w",
+                "%{time_starttransfer}",
+                url,
+            ])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    let direct = first_byte(
+        3,
+        &format!("{}/{REPO}/resolve/main/big.safetensors", hub.endpoint),
+    )?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("h2/node.json"))?)?;
+    let api = info["api"].as_str().context("node api")?;
+    let via = first_byte(
+        2,
+        &format!("http://{api}/{REPO}/resolve/main/big.safetensors"),
+    )?;
+    println!("\ntime to first byte of a cold 1 GiB file: {via:.3} s through the node, {direct:.3} s from the Hub directly");
+    Ok(())
+}
