@@ -10,7 +10,7 @@ use mesh_node::{
     api::{FetchLine, ModelInfo},
     config::ConfigFile,
     discovery::PeerInfo,
-    fetch::{default_folder, FetchReport, FetchRequest, Target},
+    fetch::{catalog::Kind, targets_for, FetchReport, FetchRequest, Layout},
     local::{LocalError, LocalNode},
     node::{Node, NodeConfig, DEFAULT_API_PORT, DEFAULT_PORT},
 };
@@ -97,9 +97,19 @@ enum Command {
         /// Show each file, its size and where it would come from; move nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Also put the model into the HuggingFace cache (HF_HUB_CACHE / HF_HOME), linked.
+        /// Also put the model into the HuggingFace cache (HF_HUB_CACHE / HF_HOME), linked
+        /// (`--layout hf-cache` beside the folder).
         #[arg(long)]
         hf_cache: bool,
+        /// Where files go under --to: plain (paths as in the model), comfyui (models/<kind
+        /// folder>/), swarmui (Models/<kind folder>/), hf-cache [default: plain].
+        #[arg(long, default_value = "plain")]
+        layout: Layout,
+        /// The kind of model, for --layout comfyui|swarmui when the catalog doesn't say:
+        /// checkpoint, diffusion-model, text-encoder (clip), vae, lora, upscaler, controlnet,
+        /// clip-vision, embedding.
+        #[arg(long)]
+        kind: Option<Kind>,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
@@ -217,6 +227,8 @@ async fn run(cli: Cli) -> Result<()> {
             exclude,
             dry_run,
             hf_cache,
+            layout,
+            kind,
             json,
         } => {
             let model = match revision {
@@ -225,17 +237,9 @@ async fn run(cli: Cli) -> Result<()> {
                 None => model,
             };
             let model: ModelRef = model.parse().context("bad model name")?;
-            let folder = match to {
-                Some(to) => std::path::absolute(to)?,
-                None => default_folder(&model, &std::env::current_dir()?),
-            };
-            let mut targets = vec![Target::folder(folder)];
-            if hf_cache || file.hf_cache {
-                targets.push(
-                    Target::hf_cache()
-                        .context("no HuggingFace cache folder: set HF_HUB_CACHE or HF_HOME")?,
-                );
-            }
+            let cwd = std::env::current_dir()?;
+            let targets = targets_for(&model, to, layout, kind, hf_cache || file.hf_cache, &cwd)
+                .map_err(|message| LocalError::Usage { message })?;
             let req = FetchRequest {
                 model,
                 peers,

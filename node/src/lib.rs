@@ -14,7 +14,7 @@
 //! | 7 | [`discovery`] | where peer addresses come from (mDNS, `--peer`, bootstrap) and the peer set |
 //! | 8 | [`net`] | the QUIC endpoint, the membership handshake, frames |
 //! | 9 | [`store`] | blobs, outboards, partial downloads (mesh and HF pieces), redb metadata |
-//! | 10 | [`metrics`] | counters every layer bumps |
+//! | 10 | [`metrics`], [`rooted`] | counters every layer bumps; a folder nothing is written outside of |
 //!
 //! Wire types and formats live in the `mesh-proto` crate, below all of these.
 //!
@@ -32,6 +32,7 @@ pub mod local;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod rooted;
 pub mod store;
 pub mod swarm;
 pub mod transfer;

@@ -51,6 +51,12 @@ pub enum LocalError {
     /// The node ended a fetch stream without a result.
     #[error("the node ended the fetch stream without a result")]
     NoResult,
+    /// The command line asks for something that can't be done (exit 2).
+    #[error("{message}")]
+    Usage {
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl LocalError {
@@ -58,6 +64,7 @@ impl LocalError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Fetch { code, .. } => *code,
+            Self::Usage { .. } => 2,
             _ => 1,
         }
     }

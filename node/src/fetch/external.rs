@@ -73,7 +73,7 @@ impl Fetcher {
             }
         }
         let manifest = self.record(name, &info, &wanted).await?;
-        self.materialize(&manifest, &req.targets, &revision).await?;
+        report.replaced = self.materialize(&manifest, &req.targets, &revision).await?;
         report.id = manifest.id().to_string();
         report.bytes_from_peers = tally.from_peers;
         report.bytes_from_hf = tally.from_hf;
@@ -143,7 +143,7 @@ fn report_for(name: &str, info: &RepoInfo, req: &FetchRequest, wanted: &[Wanted]
         peers_used: Vec::new(),
         seconds: 0.0,
         source: Some(format!("{}@{}", info.repo, info.commit)),
-        plan: None,
+        ..FetchReport::default()
     }
 }
 

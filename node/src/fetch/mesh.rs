@@ -95,8 +95,9 @@ impl Fetcher {
             };
         }
         drop(partials);
-        self.materialize(&manifest, &req.targets, "main").await?;
+        let replaced = self.materialize(&manifest, &req.targets, "main").await?;
         let mut report = FetchReport::new(&manifest, &req, started);
+        report.replaced = replaced;
         report.bytes_already_local = already;
         report.bytes_from_peers =
             self.metrics.bytes_received.load(Ordering::Relaxed) - received_before;

@@ -40,13 +40,14 @@ use self::catalog::CatalogEntry;
 pub use self::{
     plan::{Origin, PlanEntry},
     resolve::ask_manifest,
-    target::{default_folder, Layout, Target},
+    target::{default_folder, targets_for, Layout, Target},
 };
 use crate::{
     discovery::Peers,
     hf::{cache_out::HfCacheError, HubError},
     metrics::Metrics,
     net::ConnectError,
+    rooted::RootError,
     store::{pieces::PieceFile, Store, StoreError},
     swarm::DownloadError,
 };
@@ -87,7 +88,7 @@ pub struct FileProgress {
 }
 
 /// The summary of a finished fetch (printed by `mesh fetch --json`).
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct FetchReport {
     /// The model id.
     pub id: String,
@@ -113,6 +114,13 @@ pub struct FetchReport {
     pub source: Option<String>,
     /// With `--dry-run`: each file, its size and where it would come from.
     pub plan: Option<Vec<PlanEntry>>,
+    /// Files (paths in the model) already at their final path with the right bytes: adopted
+    /// in place (hashed, served from there), nothing fetched.
+    #[serde(default)]
+    pub in_place: Vec<String>,
+    /// Final paths where a different file was replaced.
+    #[serde(default)]
+    pub replaced: Vec<PathBuf>,
 }
 
 /// Why a fetch failed.
@@ -172,6 +180,25 @@ pub enum FetchError {
     /// A local store error.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A path under a target leads outside it (a symlink), or can't be written.
+    #[error(transparent)]
+    Root(#[from] RootError),
+    /// An app layout needs the kind of model and nothing says it.
+    #[error("--layout {layout} needs to know what kind of model {model} is: use a catalog name, or say --kind KIND")]
+    NoKind {
+        /// The model.
+        model: String,
+        /// The layout.
+        layout: Layout,
+    },
+    /// A bundle entry's `to` names one file, but the model has several.
+    #[error("`to = {to:?}` names one file but the model has {files}: end it with / for a folder")]
+    BadTo {
+        /// The `to`.
+        to: String,
+        /// The model's file count.
+        files: usize,
+    },
     /// Writing the target files failed.
     #[error("{path}: {source}")]
     Materialize {
@@ -304,24 +331,30 @@ impl FetchReport {
                 _ => None,
             },
             plan: None,
+            in_place: Vec::new(),
+            replaced: Vec::new(),
         }
     }
 }
 
 impl Fetcher {
-    /// Puts a complete model into every target.
+    /// Puts a complete model into every target; returns the paths where another file was
+    /// replaced.
     async fn materialize(
         &self,
         manifest: &Manifest,
         targets: &[Target],
         revision: &str,
-    ) -> Result<(), FetchError> {
+    ) -> Result<Vec<PathBuf>, FetchError> {
         let (store, manifest) = (self.store.clone(), manifest.clone());
         let (targets, revision) = (targets.to_vec(), revision.to_string());
+        let kind = catalog::lookup(manifest.name(), &self.aliases).and_then(|e| e.kind);
         tokio::task::spawn_blocking(move || {
-            targets
-                .iter()
-                .try_for_each(|t| t.materialize(&store, &manifest, &revision))
+            let mut replaced = Vec::new();
+            for t in &targets {
+                replaced.extend(t.materialize(&store, &manifest, &revision, kind)?);
+            }
+            Ok(replaced)
         })
         .await
         .expect("materialize task panicked")
@@ -336,7 +369,9 @@ impl FetchError {
             Self::Connect(_) | Self::NoPeers(_) | Self::BadManifest { .. } => 4,
             Self::Download(e) if e.is_bad_data() => 5,
             Self::Download(DownloadError::NoSource { .. }) => 4,
-            Self::TargetNotWritable { .. } | Self::NoSpace { .. } => 6,
+            Self::TargetNotWritable { .. } | Self::NoSpace { .. } | Self::Root(_) => 6,
+            Self::HfCache(HfCacheError::Root(_)) => 6,
+            Self::NoKind { .. } | Self::BadTo { .. } => 2,
             Self::Hub(HubError::NotFound(_)) => 3,
             Self::Hub(HubError::Mismatch { .. }) => 5,
             Self::Hub(_) => 4,
@@ -356,6 +391,10 @@ impl FetchError {
             }
             Self::UnknownModel(_) => Some("`mesh ls` on a peer lists the models it has"),
             Self::NoSpace { .. } => Some("free some space or set MESH_HOME to a bigger disk"),
+            Self::Root(RootError::Escapes { .. })
+            | Self::HfCache(HfCacheError::Root(RootError::Escapes { .. })) => Some(
+                "mesh never writes through a symlink that leaves the target folder: remove the link or fetch into its target directly",
+            ),
             Self::Hub(HubError::Unauthorized { .. }) => Some(
                 "accept the model's terms on huggingface.co, then set HF_TOKEN (or run `huggingface-cli login`)",
             ),
