@@ -3,6 +3,8 @@
 
 use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
+mod bundle;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -10,7 +12,7 @@ use mesh_node::{
     api::{FetchLine, ModelInfo},
     config::ConfigFile,
     discovery::PeerInfo,
-    fetch::{catalog::Kind, targets_for, FetchReport, FetchRequest, Layout},
+    fetch::{bundle::lookup as bundle_named, catalog::Kind, targets_for, FetchReport, FetchRequest, Layout},
     local::{LocalError, LocalNode},
     node::{Node, NodeConfig, DEFAULT_API_PORT, DEFAULT_PORT},
 };
@@ -74,11 +76,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Fetch a model (by name or id) from LAN peers into a folder.
+    /// Fetch a model (by name or id) from LAN peers into a folder, or a bundle into its root.
     Fetch {
-        /// A catalog name (sd3.5_large), a model id, or a HuggingFace repo: org/name[@revision]
-        /// or hf://org/name.
+        /// A catalog name (sd3.5_large), a model id, a HuggingFace repo (org/name[@revision]
+        /// or hf://org/name), or a bundle (ai4artsed, or [bundles.NAME] in the config file).
         model: String,
+        /// For a bundle: the root its paths are under [default: the bundle's `root`].
+        #[arg(long)]
+        root: Option<PathBuf>,
         /// A peer to fetch from besides those found by mDNS, IP:PORT; repeat for several.
         #[arg(long = "peer")]
         peers: Vec<SocketAddr>,
@@ -220,6 +225,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Add { path, name, json } => add(node, path, name, json).await,
         Command::Fetch {
             model,
+            root,
             peers,
             to,
             revision,
@@ -231,6 +237,12 @@ async fn run(cli: Cli) -> Result<()> {
             kind,
             json,
         } => {
+            if let Some(bundle) = bundle_named(&model, &file.bundles) {
+                return bundle::run(node, &model, bundle, root, peers, dry_run, json).await;
+            }
+            if root.is_some() {
+                anyhow::bail!("--root is for bundles; {model} is not one (use --to DIR)");
+            }
             let model = match revision {
                 Some(rev) if !model.contains('@') => format!("{model}@{rev}"),
                 Some(_) => anyhow::bail!("give the revision once: as --revision or as @revision"),
@@ -420,7 +432,7 @@ async fn ls(node: NodeConfig, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn progress_bar(total: u64) -> ProgressBar {
+pub(crate) fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
@@ -431,6 +443,6 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
 }

@@ -13,6 +13,7 @@ use mesh_proto::{FileEntry, Manifest, Source as ModelSource};
 use tracing::warn;
 
 use super::{
+    adopt::InPlace,
     resolve::Published,
     sources::{HubOrigin, LocalCopies, PeerCopies, Source, Tally, Wanted},
     target::check_space,
@@ -42,6 +43,7 @@ impl Fetcher {
         }
         let (name, revision) = (published.name, published.repo.revision);
         let mut sources: Vec<Box<dyn Source>> = vec![
+            Box::new(InPlace::new(self, &name, &req.targets, req.dry_run)),
             Box::new(LocalCopies),
             Box::new(PeerCopies::new(&name, &info)),
             Box::new(HubOrigin::new(published.hub, info.clone())),
@@ -123,7 +125,9 @@ fn report_for(name: &str, info: &RepoInfo, req: &FetchRequest, wanted: &[Wanted]
     let size = |local: bool| {
         wanted
             .iter()
-            .filter(|w| !local || w.origin == Some(super::Origin::Local))
+            .filter(|w| {
+                !local || matches!(w.origin, Some(super::Origin::Local | super::Origin::InPlace))
+            })
             .map(|w| w.file.size)
             .sum()
     };
@@ -143,6 +147,11 @@ fn report_for(name: &str, info: &RepoInfo, req: &FetchRequest, wanted: &[Wanted]
         peers_used: Vec::new(),
         seconds: 0.0,
         source: Some(format!("{}@{}", info.repo, info.commit)),
+        in_place: wanted
+            .iter()
+            .filter(|w| w.origin == Some(super::Origin::InPlace))
+            .map(|w| w.target.to_string())
+            .collect(),
         ..FetchReport::default()
     }
 }

@@ -17,6 +17,8 @@
 //! A new origin (a mirror, a registry) is one more source in [`sources`]; a new place for
 //! files (an app's folder layout) is one more [`Layout`].
 
+mod adopt;
+pub mod bundle;
 pub mod catalog;
 mod external;
 mod mesh;
@@ -199,6 +201,14 @@ pub enum FetchError {
         /// The model's file count.
         files: usize,
     },
+    /// A bundle link points at nothing.
+    #[error("link {path} -> {target} does not resolve: fix the bundle's link target")]
+    DanglingLink {
+        /// The link.
+        path: PathBuf,
+        /// Its target.
+        target: PathBuf,
+    },
     /// Writing the target files failed.
     #[error("{path}: {source}")]
     Materialize {
@@ -371,7 +381,7 @@ impl FetchError {
             Self::Download(DownloadError::NoSource { .. }) => 4,
             Self::TargetNotWritable { .. } | Self::NoSpace { .. } | Self::Root(_) => 6,
             Self::HfCache(HfCacheError::Root(_)) => 6,
-            Self::NoKind { .. } | Self::BadTo { .. } => 2,
+            Self::NoKind { .. } | Self::BadTo { .. } | Self::DanglingLink { .. } => 2,
             Self::Hub(HubError::NotFound(_)) => 3,
             Self::Hub(HubError::Mismatch { .. }) => 5,
             Self::Hub(_) => 4,

@@ -148,34 +148,46 @@ impl Target {
         kind: Option<Kind>,
     ) -> Result<Vec<(&'a FileEntry, String)>, FetchError> {
         let files = manifest.files();
-        let prefix = match self.layout {
-            Layout::Plain => match self.to.as_deref() {
-                None | Some("") => String::new(),
-                Some(dir) if dir.ends_with('/') => dir.to_string(),
-                Some(file) if files.len() == 1 => return Ok(vec![(&files[0], file.to_string())]),
-                Some(file) => {
-                    return Err(FetchError::BadTo {
-                        to: file.to_string(),
-                        files: files.len(),
-                    })
-                }
-            },
+        if let Some(to) = self.to.as_deref().filter(|to| !to.ends_with('/')) {
+            if files.len() != 1 && self.layout == Layout::Plain {
+                return Err(FetchError::BadTo {
+                    to: to.to_string(),
+                    files: files.len(),
+                });
+            }
+        }
+        let kind = match self.layout {
             Layout::ComfyUi | Layout::SwarmUi => {
-                let kind = self.kind.or(kind).ok_or_else(|| FetchError::NoKind {
+                Some(self.kind.or(kind).ok_or_else(|| FetchError::NoKind {
                     model: manifest.name().to_string(),
                     layout: self.layout,
-                })?;
-                match self.layout {
-                    Layout::ComfyUi => format!("models/{}/", kind.comfyui_folder()),
-                    _ => format!("Models/{}/", kind.swarmui_folder()),
-                }
+                })?)
             }
-            Layout::HfCache => unreachable!("the HF cache has its own layout"),
+            _ => None,
         };
         Ok(files
             .iter()
-            .map(|f| (f, format!("{prefix}{}", f.path)))
+            .map(|f| (f, self.dest(f.path.as_str(), files.len(), kind)))
             .collect())
+    }
+
+    /// Where the file `path` of a model of `files` files goes under the root, for a plan
+    /// (an app layout without a kind keeps the plain path).
+    pub fn dest_of(&self, path: &str, files: usize) -> String {
+        self.dest(path, files, self.kind)
+    }
+
+    pub(super) fn dest(&self, path: &str, files: usize, kind: Option<Kind>) -> String {
+        match (self.layout, kind) {
+            (Layout::ComfyUi, Some(kind)) => format!("models/{}/{path}", kind.comfyui_folder()),
+            (Layout::SwarmUi, Some(kind)) => format!("Models/{}/{path}", kind.swarmui_folder()),
+            _ => match self.to.as_deref() {
+                None | Some("") => path.to_string(),
+                Some(dir) if dir.ends_with('/') => format!("{dir}{path}"),
+                Some(file) if files == 1 => file.to_string(),
+                Some(dir) => format!("{dir}/{path}"),
+            },
+        }
     }
 }
 
