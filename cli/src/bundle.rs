@@ -23,11 +23,9 @@ pub(crate) async fn run(
     dry_run: bool,
     json: bool,
 ) -> Result<()> {
-    let root = bundle
-        .root(name, root)
-        .map_err(|e| LocalError::Usage {
-            message: e.to_string(),
-        })?;
+    let root = bundle.root(name, root).map_err(|e| LocalError::Usage {
+        message: e.to_string(),
+    })?;
     let root = std::path::absolute(root)?;
     let show = std::io::stderr().is_terminal() && !json && !dry_run;
     let bar = show.then(|| progress_bar(0));
@@ -84,13 +82,22 @@ fn print_plan(report: &BundleReport) {
                 .and_then(|o| serde_json::to_value(o).ok())
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
-            println!("{:>10}  {origin:<9} {}", human_bytes(f.size), f.path.display());
+            println!(
+                "{:>10}  {origin:<9} {}",
+                human_bytes(f.size),
+                f.path.display()
+            );
             files += 1;
         }
     }
     for link in &report.links {
         let state = if link.already { "in-place" } else { "link" };
-        println!("{:>10}  {state:<9} {} -> {}", "", link.path.display(), link.target.display());
+        println!(
+            "{:>10}  {state:<9} {} -> {}",
+            "",
+            link.path.display(),
+            link.target.display()
+        );
     }
     println!(
         "{files} files, {}, {} links (dry run: nothing moved)",

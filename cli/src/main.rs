@@ -12,7 +12,10 @@ use mesh_node::{
     api::{FetchLine, ModelInfo},
     config::ConfigFile,
     discovery::PeerInfo,
-    fetch::{bundle::lookup as bundle_named, catalog::Kind, targets_for, FetchReport, FetchRequest, Layout},
+    fetch::{
+        bundle::lookup as bundle_named, catalog::Kind, targets_for, FetchReport, FetchRequest,
+        Layout,
+    },
     local::{LocalError, LocalNode},
     node::{Node, NodeConfig, DEFAULT_API_PORT, DEFAULT_PORT},
 };

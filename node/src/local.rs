@@ -222,15 +222,16 @@ impl LocalNode {
                         Ok(node) => node.fetcher().clone(),
                         Err(e) => {
                             let message = e.to_string();
-                            tasks.spawn(async move {
-                                (i, Err(LocalError::Usage { message }))
-                            });
+                            tasks.spawn(async move { (i, Err(LocalError::Usage { message })) });
                             continue;
                         }
                     };
                     tasks.spawn(async move {
                         let send = move |line| drop(tx.send((i, line)));
-                        (i, outcome(fetch_lines(&fetcher, req, PROGRESS_EVERY, send).await))
+                        (
+                            i,
+                            outcome(fetch_lines(&fetcher, req, PROGRESS_EVERY, send).await),
+                        )
                     });
                 }
             }
@@ -268,7 +269,9 @@ impl LocalNode {
         let usage = |e: BundleError| LocalError::Usage {
             message: e.to_string(),
         };
-        let reqs = bundle.requests(name, &root, peers, dry_run).map_err(usage)?;
+        let reqs = bundle
+            .requests(name, &root, peers, dry_run)
+            .map_err(usage)?;
         let targets: Vec<_> = reqs.iter().map(|r| r.targets[0].clone()).collect();
         let results = self.fetch_all(reqs, on_line).await;
         let entries: Vec<EntryReport> = bundle

@@ -152,7 +152,8 @@ impl Root {
                 stack.clear();
                 components(inside).ok_or_else(|| self.escapes(rel, link.clone(), target.clone()))?
             } else {
-                components(&target).ok_or_else(|| self.escapes(rel, link.clone(), target.clone()))?
+                components(&target)
+                    .ok_or_else(|| self.escapes(rel, link.clone(), target.clone()))?
             };
             // `..` popping past the root is an escape; checked when it is popped.
             for (i, c) in rest.into_iter().enumerate() {
@@ -383,7 +384,12 @@ impl Dir {
         let tmp = format!(".{name}.mesh-tmp");
         let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
         rustix::fs::symlinkat(target, &self.fd, tmp.as_str())?;
-        Ok(rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name)?)
+        Ok(rustix::fs::renameat(
+            &self.fd,
+            tmp.as_str(),
+            &self.fd,
+            name,
+        )?)
     }
 }
 

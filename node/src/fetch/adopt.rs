@@ -40,7 +40,12 @@ impl InPlace {
     }
 
     /// Checks one file's final paths; claims it if one holds its bytes.
-    async fn claim_one(&self, fetcher: &Fetcher, w: &mut Wanted, files: usize) -> Result<(), FetchError> {
+    async fn claim_one(
+        &self,
+        fetcher: &Fetcher,
+        w: &mut Wanted,
+        files: usize,
+    ) -> Result<(), FetchError> {
         let store = fetcher.store.clone();
         let etag = w.file.etag().to_string();
         let known = blocking(move || store.blob_for_etag(&etag)).await?;

@@ -190,7 +190,12 @@ impl Bundle {
         let resolved = match std::fs::canonicalize(root) {
             Ok(path) => path,
             Err(_) if dry_run => root.to_path_buf(),
-            Err(source) => return Err(FetchError::Root(RootError::Io { path: root.into(), source })),
+            Err(source) => {
+                return Err(FetchError::Root(RootError::Io {
+                    path: root.into(),
+                    source,
+                }))
+            }
         };
         for link in &self.links {
             let path = resolved.join(&link.path);
@@ -402,10 +407,15 @@ mod tests {
         for bad in ["../x/", "/abs/", "a/../../b"] {
             let mut b = bundle.clone();
             b.files[0].to = bad.into();
-            assert!(b.requests("b", Path::new("/r"), &[], false).is_err(), "{bad}");
+            assert!(
+                b.requests("b", Path::new("/r"), &[], false).is_err(),
+                "{bad}"
+            );
         }
         let seed = lookup("ai4artsed", &BTreeMap::new()).unwrap();
         assert_eq!(seed.files.len(), 5);
-        assert!(seed.requests("ai4artsed", Path::new("/r"), &[], true).is_ok());
+        assert!(seed
+            .requests("ai4artsed", Path::new("/r"), &[], true)
+            .is_ok());
     }
 }

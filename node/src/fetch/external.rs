@@ -126,7 +126,11 @@ fn report_for(name: &str, info: &RepoInfo, req: &FetchRequest, wanted: &[Wanted]
         wanted
             .iter()
             .filter(|w| {
-                !local || matches!(w.origin, Some(super::Origin::Local | super::Origin::InPlace))
+                !local
+                    || matches!(
+                        w.origin,
+                        Some(super::Origin::Local | super::Origin::InPlace)
+                    )
             })
             .map(|w| w.file.size)
             .sum()

@@ -269,6 +269,7 @@ impl Fetcher {
         req: FetchRequest,
         on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
     ) -> Result<FetchReport, FetchError> {
+        self.check_kinds(&req)?;
         if let ModelRef::Name(name) = &req.model {
             if let Some(published) = self.published(name) {
                 // `on_start` can only be called once: hand it over only if the Hub answers.
@@ -288,6 +289,25 @@ impl Fetcher {
             }
         }
         self.fetch_mesh(req, on_start).await
+    }
+}
+
+impl Fetcher {
+    /// App layouts need the kind of model: from the request, or the catalog (checked before
+    /// any byte moves).
+    fn check_kinds(&self, req: &FetchRequest) -> Result<(), FetchError> {
+        let name = req.model.to_string();
+        let catalog = catalog::lookup(&name, &self.aliases).and_then(|e| e.kind);
+        for t in &req.targets {
+            let app = matches!(t.layout, Layout::ComfyUi | Layout::SwarmUi);
+            if app && t.kind.is_none() && catalog.is_none() {
+                return Err(FetchError::NoKind {
+                    model: name,
+                    layout: t.layout,
+                });
+            }
+        }
+        Ok(())
     }
 }
 

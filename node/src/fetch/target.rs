@@ -50,8 +50,9 @@ impl FromStr for Layout {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
-            .map_err(|_| format!("unknown layout {s:?} (one of: plain, comfyui, swarmui, hf-cache)"))
+        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase())).map_err(|_| {
+            format!("unknown layout {s:?} (one of: plain, comfyui, swarmui, hf-cache)")
+        })
     }
 }
 
@@ -207,7 +208,11 @@ pub fn targets_for(
         (Some(to), _) => cwd.join(to),
         (None, Layout::Plain) => default_folder(model, cwd),
         (None, Layout::HfCache) => cache_out::cache_dir().ok_or_else(no_cache)?,
-        (None, _) => return Err(format!("--layout {layout} needs the app's folder: --to DIR")),
+        (None, _) => {
+            return Err(format!(
+                "--layout {layout} needs the app's folder: --to DIR"
+            ))
+        }
     };
     let mut targets = vec![Target {
         kind,
