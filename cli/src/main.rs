@@ -67,6 +67,10 @@ enum Command {
         /// Don't import (hash and serve) models found in the HuggingFace cache at start.
         #[arg(long)]
         no_hf_cache_scan: bool,
+        /// Don't import (hash and serve in place) the models of the local Ollama store
+        /// (OLLAMA_MODELS, ~/.ollama/models, /usr/share/ollama/.ollama/models) at start.
+        #[arg(long)]
+        no_ollama_scan: bool,
     },
     /// Hash a file or folder and share it as a model, in place (no copy). Prints the model id.
     Add {
@@ -110,9 +114,10 @@ enum Command {
         #[arg(long)]
         hf_cache: bool,
         /// Where files go under --to: plain (paths as in the model), comfyui (models/<kind
-        /// folder>/), swarmui (Models/<kind folder>/), hf-cache [default: plain].
-        #[arg(long, default_value = "plain")]
-        layout: Layout,
+        /// folder>/), swarmui (Models/<kind folder>/), hf-cache, ollama [default: plain;
+        /// ollama, into the Ollama store, for ollama:NAME:TAG].
+        #[arg(long)]
+        layout: Option<Layout>,
         /// The kind of model, for --layout comfyui|swarmui when the catalog doesn't say:
         /// checkpoint, diffusion-model, text-encoder (clip), vae, lora, upscaler, controlnet,
         /// clip-vision, embedding.
@@ -207,6 +212,7 @@ async fn run(cli: Cli) -> Result<()> {
         bootstrap: file.peers.clone(),
         aliases: file.aliases.clone(),
         hf_cache_scan: false,
+        ollama_scan: false,
     };
     match cli.command {
         Command::Node {
@@ -216,6 +222,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_upload,
             peers,
             no_hf_cache_scan,
+            no_ollama_scan,
         } => {
             node.listen = listen.unwrap_or(node.listen);
             let default_api = SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT));
@@ -223,6 +230,7 @@ async fn run(cli: Cli) -> Result<()> {
             node.max_upload = max_upload.or(node.max_upload);
             node.bootstrap.extend(peers);
             node.hf_cache_scan = !no_hf_cache_scan;
+            node.ollama_scan = !no_ollama_scan;
             run_node(node).await
         }
         Command::Add { path, name, json } => add(node, path, name, json).await,

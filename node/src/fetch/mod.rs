@@ -22,6 +22,7 @@ pub mod bundle;
 pub mod catalog;
 mod external;
 mod mesh;
+mod ollama;
 pub mod plan;
 mod resolve;
 mod sources;
@@ -49,6 +50,7 @@ use crate::{
     hf::{cache_out::HfCacheError, HubError},
     metrics::Metrics,
     net::ConnectError,
+    ollama::{OllamaError, OllamaName},
     rooted::RootError,
     store::{pieces::PieceFile, Store, StoreError},
     swarm::DownloadError,
@@ -201,6 +203,9 @@ pub enum FetchError {
         /// The model's file count.
         files: usize,
     },
+    /// An Ollama name, registry or store failed.
+    #[error(transparent)]
+    Ollama(#[from] OllamaError),
     /// A bundle link points at nothing.
     #[error("link {path} -> {target} does not resolve: fix the bundle's link target")]
     DanglingLink {
@@ -271,6 +276,11 @@ impl Fetcher {
     ) -> Result<FetchReport, FetchError> {
         self.check_kinds(&req)?;
         if let ModelRef::Name(name) = &req.model {
+            if name.starts_with(crate::ollama::PREFIX) {
+                let parsed = OllamaName::parse(name)
+                    .ok_or_else(|| OllamaError::BadName(name.clone()))?;
+                return self.fetch_ollama(req, parsed, on_start).await;
+            }
             if let Some(published) = self.published(name) {
                 // `on_start` can only be called once: hand it over only if the Hub answers.
                 match published.hub.repo_info(&published.repo).await {
@@ -402,6 +412,14 @@ impl FetchError {
             Self::TargetNotWritable { .. } | Self::NoSpace { .. } | Self::Root(_) => 6,
             Self::HfCache(HfCacheError::Root(_)) => 6,
             Self::NoKind { .. } | Self::BadTo { .. } | Self::DanglingLink { .. } => 2,
+            Self::Ollama(e) => match e {
+                OllamaError::BadName(_) => 2,
+                OllamaError::NotFound { .. } => 3,
+                OllamaError::Mismatch { .. } => 5,
+                OllamaError::Unauthorized { .. } | OllamaError::Http { .. } => 4,
+                OllamaError::Store(_) => 1,
+                _ => 6,
+            },
             Self::Hub(HubError::NotFound(_)) => 3,
             Self::Hub(HubError::Mismatch { .. }) => 5,
             Self::Hub(_) => 4,
@@ -421,6 +439,12 @@ impl FetchError {
             }
             Self::UnknownModel(_) => Some("`mesh ls` on a peer lists the models it has"),
             Self::NoSpace { .. } => Some("free some space or set MESH_HOME to a bigger disk"),
+            Self::Ollama(OllamaError::NotWritable { .. }) => Some(
+                "the Ollama store usually belongs to the `ollama` user: run `sudo -u ollama mesh fetch ...` (or as root), or set OLLAMA_MODELS (or --to) to a folder you own",
+            ),
+            Self::Ollama(OllamaError::NotFound { .. }) => {
+                Some("check the name and tag (ollama.com/library lists them); no peer has it either")
+            }
             Self::Root(RootError::Escapes { .. })
             | Self::HfCache(HfCacheError::Root(RootError::Escapes { .. })) => Some(
                 "mesh never writes through a symlink that leaves the target folder: remove the link or fetch into its target directly",

@@ -11,6 +11,7 @@
 //! | `comfyui` | `ROOT/models/<ComfyUI folder of K>/P` (`checkpoints`, `clip`, `vae`, ...) |
 //! | `swarmui` | `ROOT/Models/<SwarmUI folder of K>/P` (`Stable-Diffusion`, `clip`, `VAE`, ...) |
 //! | `hf-cache` | `ROOT/models--org--name/{blobs,snapshots,refs}` (`hf::cache_out`) |
+//! | `ollama` | `ROOT/P`: `blobs/sha256-<hex>` first, `manifests/...` last (`ollama::store_out`) |
 
 use std::{
     fmt, fs,
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::{catalog::Kind, FetchError};
 use crate::{
     hf::cache_out,
+    ollama::{self, OllamaError},
     rooted::{Placed, Root},
     store::{Store, StoreError},
 };
@@ -39,6 +41,9 @@ pub enum Layout {
     /// The HuggingFace cache: `models--org--name/{blobs,snapshots,refs}` (see
     /// `hf::cache_out`); for models that came from HuggingFace.
     HfCache,
+    /// An Ollama store: `manifests/<host>/<ns>/<model>/<tag>` and `blobs/sha256-<hex>`,
+    /// blobs first and the manifest last (`ollama::store_out`); for `ollama:` models.
+    Ollama,
     /// Each file at its path in the model.
     Plain,
     /// SwarmUI's `Models/<folder for the kind>/`.
@@ -51,7 +56,7 @@ impl FromStr for Layout {
 
     fn from_str(s: &str) -> Result<Self, String> {
         serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase())).map_err(|_| {
-            format!("unknown layout {s:?} (one of: plain, comfyui, swarmui, hf-cache)")
+            format!("unknown layout {s:?} (one of: plain, comfyui, swarmui, hf-cache, ollama)")
         })
     }
 }
@@ -133,6 +138,13 @@ impl Target {
                 tracing::info!(snapshot = %snapshot.display(), "exported to the HuggingFace cache");
                 Ok(Vec::new())
             }
+            Layout::Ollama => {
+                if !matches!(manifest.source(), mesh_proto::Source::Ollama { .. }) {
+                    return Err(OllamaError::BadName(manifest.name().to_string()).into());
+                }
+                ollama::store_out::write(store, manifest, &self.root)?;
+                Ok(Vec::new())
+            }
             _ => {
                 let root = Root::open(&self.root)?;
                 let dests = self.dests(manifest, kind)?;
@@ -194,20 +206,28 @@ impl Target {
 
 /// The targets of `mesh fetch MODEL [--to DIR] [--layout L] [--kind K] [--hf-cache]`:
 /// `--to` (default `./NAME`, or the HF cache for `--layout hf-cache`) in `layout`, plus the HF
-/// cache for `--hf-cache`. App layouts need `--to` (the app's folder).
+/// cache for `--hf-cache`. App layouts need `--to` (the app's folder). `ollama:` models go
+/// into the Ollama store (`OLLAMA_MODELS`, ...) by default.
 pub fn targets_for(
     model: &ModelRef,
     to: Option<PathBuf>,
-    layout: Layout,
+    layout: Option<Layout>,
     kind: Option<Kind>,
     also_hf_cache: bool,
     cwd: &Path,
 ) -> Result<Vec<Target>, String> {
     let no_cache = || "no HuggingFace cache folder: set HF_HUB_CACHE or HF_HOME".to_string();
+    let is_ollama = matches!(model, ModelRef::Name(n) if n.starts_with(ollama::PREFIX));
+    let layout = layout.unwrap_or(if is_ollama {
+        Layout::Ollama
+    } else {
+        Layout::Plain
+    });
     let root = match (to, layout) {
         (Some(to), _) => cwd.join(to),
         (None, Layout::Plain) => default_folder(model, cwd),
         (None, Layout::HfCache) => cache_out::cache_dir().ok_or_else(no_cache)?,
+        (None, Layout::Ollama) => ollama::write_store().ok_or("no home folder: set OLLAMA_MODELS")?,
         (None, _) => {
             return Err(format!(
                 "--layout {layout} needs the app's folder: --to DIR"
