@@ -277,8 +277,8 @@ impl Fetcher {
         self.check_kinds(&req)?;
         if let ModelRef::Name(name) = &req.model {
             if name.starts_with(crate::ollama::PREFIX) {
-                let parsed = OllamaName::parse(name)
-                    .ok_or_else(|| OllamaError::BadName(name.clone()))?;
+                let parsed =
+                    OllamaName::parse(name).ok_or_else(|| OllamaError::BadName(name.clone()))?;
                 return self.fetch_ollama(req, parsed, on_start).await;
             }
             if let Some(published) = self.published(name) {

@@ -24,8 +24,7 @@ use super::{
     adopt::InPlace,
     sources::{BoxFuture, LocalCopies, Source, Tally, Wanted},
     target::check_space,
-    FetchError, FetchProgress, FetchReport, FetchRequest, Fetcher, FileProgress, Origin,
-    PlanEntry,
+    FetchError, FetchProgress, FetchReport, FetchRequest, Fetcher, FileProgress, Origin, PlanEntry,
 };
 use crate::{
     hf::HubFile,
@@ -61,7 +60,9 @@ impl Fetcher {
             other => return other,
         }
         tracing::info!(model = %name.full(), "no peer has it: asking the registry");
-        let on_start = slot.take().unwrap_or_else(|| unreachable!("started without a model"));
+        let on_start = slot
+            .take()
+            .unwrap_or_else(|| unreachable!("started without a model"));
         self.fetch_from_registry(&req, &name, on_start).await
     }
 
@@ -95,7 +96,11 @@ impl Fetcher {
         let here = |w: &&Wanted| matches!(w.origin, Some(Origin::Local | Origin::InPlace));
         let mut report = FetchReport {
             name: mesh_name.clone(),
-            to: req.targets.first().map(|t| t.root.clone()).unwrap_or_default(),
+            to: req
+                .targets
+                .first()
+                .map(|t| t.root.clone())
+                .unwrap_or_default(),
             files: wanted.len() + 1,
             total_bytes: wanted.iter().map(|w| w.file.size).sum::<u64>() + bytes.len() as u64,
             bytes_already_local: wanted.iter().filter(here).map(|w| w.file.size).sum(),
@@ -171,10 +176,10 @@ impl Fetcher {
         let store = self.store.clone();
         let (path, full, mesh_name) = (name.manifest_path(), name.full(), name.mesh_name());
         let manifest = blocking(move || {
-            let tmp = store.home().join("partial").join(format!(
-                "ollama-{digest}.{}.tmp",
-                rand::random::<u32>()
-            ));
+            let tmp = store
+                .home()
+                .join("partial")
+                .join(format!("ollama-{digest}.{}.tmp", rand::random::<u32>()));
             std::fs::write(&tmp, &bytes).map_err(|source| StoreError::Io {
                 path: tmp.clone(),
                 source,

@@ -227,7 +227,9 @@ pub fn targets_for(
         (Some(to), _) => cwd.join(to),
         (None, Layout::Plain) => default_folder(model, cwd),
         (None, Layout::HfCache) => cache_out::cache_dir().ok_or_else(no_cache)?,
-        (None, Layout::Ollama) => ollama::write_store().ok_or("no home folder: set OLLAMA_MODELS")?,
+        (None, Layout::Ollama) => {
+            ollama::write_store().ok_or("no home folder: set OLLAMA_MODELS")?
+        }
         (None, _) => {
             return Err(format!(
                 "--layout {layout} needs the app's folder: --to DIR"

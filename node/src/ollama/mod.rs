@@ -22,11 +22,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::{
-    rooted::RootError,
-    store::StoreError,
-    swarm::origin::SplitError,
-};
+use crate::{rooted::RootError, store::StoreError, swarm::origin::SplitError};
 
 /// Ollama's default registry host.
 pub const DEFAULT_HOST: &str = "registry.ollama.ai";
@@ -315,17 +311,32 @@ mod tests {
     #[test]
     fn names_parse_as_ollama_parses_them() {
         let n = OllamaName::parse("ollama:gpt-oss:20b").unwrap();
-        assert_eq!(n.manifest_path(), "manifests/registry.ollama.ai/library/gpt-oss/20b");
+        assert_eq!(
+            n.manifest_path(),
+            "manifests/registry.ollama.ai/library/gpt-oss/20b"
+        );
         assert_eq!(n.mesh_name(), "ollama:gpt-oss:20b");
         let n = OllamaName::parse("llama3.2-vision").unwrap();
         assert_eq!(n.tag, "latest");
         assert_eq!(n.mesh_name(), "ollama:llama3.2-vision:latest");
         let n = OllamaName::parse("user/model:tag").unwrap();
-        assert_eq!(n.manifest_path(), "manifests/registry.ollama.ai/user/model/tag");
+        assert_eq!(
+            n.manifest_path(),
+            "manifests/registry.ollama.ai/user/model/tag"
+        );
         let n = OllamaName::parse("localhost:5000/ns/m:t").unwrap();
         assert_eq!(n.manifest_path(), "manifests/localhost:5000/ns/m/t");
         assert_eq!(n.mesh_name(), "ollama:localhost:5000/ns/m:t");
-        for bad in ["", "a/b/c/d", "m@sha256:00", ":t", "m:", "ns.x/m", "-m", "a/../b"] {
+        for bad in [
+            "",
+            "a/b/c/d",
+            "m@sha256:00",
+            ":t",
+            "m:",
+            "ns.x/m",
+            "-m",
+            "a/../b",
+        ] {
             assert!(OllamaName::parse(bad).is_none(), "{bad}");
         }
     }

@@ -161,6 +161,8 @@ impl RangeOrigin for BlobRange {
     type Error = OllamaError;
 
     async fn fetch_range(&self, start: u64, len: u64) -> Result<Vec<u8>, OllamaError> {
-        self.registry.blob_range(&self.name, &self.blob, start, len).await
+        self.registry
+            .blob_range(&self.name, &self.blob, start, len)
+            .await
     }
 }

@@ -42,7 +42,12 @@ pub fn scan(store: &Store, root: &Path, cancel: &CancellationToken) -> Result<us
             continue;
         };
         if let Some(manifest) = import(store, root, &name, &bytes)? {
-            info!(model = manifest.name(), files = manifest.files().len(), bytes = manifest.total_size(), "serving an Ollama model in place");
+            info!(
+                model = manifest.name(),
+                files = manifest.files().len(),
+                bytes = manifest.total_size(),
+                "serving an Ollama model in place"
+            );
             imported += 1;
         }
     }
@@ -105,7 +110,12 @@ pub fn import(
     let mesh_name = name.mesh_name();
     if let Some(known) = store.manifest(&ModelRef::Name(mesh_name.clone()))? {
         let same = matches!(known.source(), Source::Ollama { digest: d, .. } if *d == digest);
-        if same && known.files().iter().all(|f| store.data_path(f.hash).is_ok()) {
+        if same
+            && known
+                .files()
+                .iter()
+                .all(|f| store.data_path(f.hash).is_ok())
+        {
             return Ok(None);
         }
     }

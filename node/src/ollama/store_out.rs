@@ -57,13 +57,17 @@ pub fn write(store: &Store, manifest: &Manifest, root_path: &Path) -> Result<(),
         if blobs.file_size(name).map_err(io(&blobs.join(name)))? == Some(file.size) {
             let dest = blobs.join(name);
             let same = blobs.is_same_file(name, &src).unwrap_or(false);
-            let matches = same || Published::Sha256(hex.into()).of_file(&dest).is_ok_and(|d| d == hex);
+            let matches = same
+                || Published::Sha256(hex.into())
+                    .of_file(&dest)
+                    .is_ok_and(|d| d == hex);
             if matches {
                 continue;
             }
         }
         let tmp_name = format!("{name}.{}", rand::random::<u32>());
-        tmp.link_or_copy(&src, &tmp_name).map_err(io(&tmp.join(&tmp_name)))?;
+        tmp.link_or_copy(&src, &tmp_name)
+            .map_err(io(&tmp.join(&tmp_name)))?;
         tmp.rename_to(&tmp_name, &blobs, name)
             .map_err(io(&blobs.join(name)))?;
         give(&blobs, name).map_err(io(&blobs.join(name)))?;
@@ -121,7 +125,13 @@ fn chown(dir: &Dir, name: &str, owner: Option<(u32, u32)>) -> std::io::Result<()
         return Ok(());
     };
     let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
-    rustix::fs::chownat(dir.fd(), name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
+    rustix::fs::chownat(
+        dir.fd(),
+        name,
+        Some(uid),
+        Some(gid),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
     Ok(())
 }
 
