@@ -267,6 +267,7 @@ impl Dir {
             return Ok(false);
         };
         let meta = fs::metadata(src)?;
+        #[allow(clippy::unnecessary_cast)] // `st_dev` and `st_ino` differ in type by platform
         Ok(st.st_dev as u64 == meta.dev() && st.st_ino as u64 == meta.ino())
     }
 
