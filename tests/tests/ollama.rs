@@ -21,11 +21,13 @@ const MODEL: &str = "ollama:tinyllm:1b";
 /// Writes an Ollama store at `root` holding `registry.ollama.ai/library/tinyllm:1b`, as Ollama
 /// lays it out: the manifest JSON and one file per blob. Returns the blobs' hex digests.
 fn make_store(root: &Path) -> Vec<String> {
+    make_store_sized(root, (6 << 20) + 13)
+}
+
+/// As [`make_store`], with a model blob of `size` bytes.
+fn make_store_sized(root: &Path, size: u64) -> Vec<String> {
     let blobs: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "application/vnd.ollama.image.model",
-            test_bytes((6 << 20) + 13, 21),
-        ),
+        ("application/vnd.ollama.image.model", test_bytes(size, 21)),
         (
             "application/vnd.ollama.image.template",
             b"{{ .System }} {{ .Prompt }}".to_vec(),
@@ -336,4 +338,54 @@ fn a_corrupt_registry_blob_is_discarded() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("sha256"));
     assert!(!manifest_path(&store).exists());
     assert!(!store.join(format!("blobs/sha256-{}", hexes[1])).exists());
+}
+
+/// Three nodes pull one model from the registry at the same moment: they split each blob's
+/// pieces and swap the rest, so the registry serves the model about once, not three times.
+#[test]
+fn three_nodes_at_once_pull_each_byte_from_the_registry_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = tmp.path().join("registry-store");
+    let hexes = make_store_sized(&origin, (40 << 20) + 3);
+    let blob_bytes: u64 = sizes(&origin, &hexes).iter().map(|(_, s)| s).sum();
+    let reg = FakeRegistry::start(tmp.path(), &origin, &[]).unwrap();
+    let env = [("OLLAMA_REGISTRY", reg.url.as_str())];
+    let nodes: Vec<NodeProc> = (0..3)
+        .map(|i| {
+            let home = tmp.path().join(format!("n{i}"));
+            NodeProc::start_env(&home, Some("fleet"), None, "127.0.0.1", &[], &env).unwrap()
+        })
+        .collect();
+    let fetches: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let mut args = vec!["fetch".to_string(), MODEL.to_string(), "--json".into()];
+            for other in nodes.iter().filter(|o| o.listen != n.listen) {
+                args.push("--peer".into());
+                args.push(other.listen.to_string());
+            }
+            n.spawn_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect();
+    for (i, child) in fetches.into_iter().enumerate() {
+        let run = finish(
+            child,
+            &format!("fetch on node {i}"),
+            Duration::from_secs(120),
+        );
+        assert!(run.status.success(), "fetch on node {i} failed");
+    }
+    for n in &nodes {
+        // `mesh_cmd` points each command's OLLAMA_MODELS at HOME/ollama.
+        assert_same_tree(&origin, &n.home.join("ollama"));
+    }
+    let served = reg.served_bytes();
+    eprintln!(
+        "blobs {blob_bytes} bytes; the registry served {served} ({:.3}x)",
+        served as f64 / blob_bytes as f64
+    );
+    assert!(
+        served * 100 <= blob_bytes * 102,
+        "the registry served {served} bytes for {blob_bytes} bytes of blobs"
+    );
 }

@@ -14,6 +14,10 @@
 //! 4. Checkpoint every blob, then materialize into each target: a file appears at its final
 //!    path only when whole and verified.
 //!
+//! Before any source, files already at their final path are adopted in place ([`adopt`]).
+//! `ollama:` names take their own path ([`ollama`]): the mesh, else the Ollama registry.
+//! A [`bundle`] is several fetches run at once in one node, plus links.
+//!
 //! A new origin (a mirror, a registry) is one more source in [`sources`]; a new place for
 //! files (an app's folder layout) is one more [`Layout`].
 

@@ -161,3 +161,58 @@ fn check_sha256(
     store.record_etag(hex, hash)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use sha2::Digest as _;
+
+    use super::*;
+    use crate::ollama::{store_in, OllamaName};
+
+    /// An Ollama store with one model; returns the manifest's bytes.
+    fn ollama_store(root: &Path) -> Vec<u8> {
+        let blob = |bytes: &[u8]| {
+            let hex = hex::encode(sha2::Sha256::digest(bytes));
+            std::fs::create_dir_all(root.join("blobs")).unwrap();
+            std::fs::write(root.join(format!("blobs/sha256-{hex}")), bytes).unwrap();
+            format!(r#"{{"digest":"sha256:{hex}","size":{}}}"#, bytes.len())
+        };
+        let (config, model) = (blob(b"{}"), blob(&[7u8; 40_000]));
+        let manifest = format!(r#"{{"schemaVersion":2,"config":{config},"layers":[{model}]}}"#);
+        let dir = root.join("manifests/registry.ollama.ai/library/m");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("t"), &manifest).unwrap();
+        manifest.into_bytes()
+    }
+
+    #[test]
+    fn a_store_of_another_user_is_refused_or_given_back_to_its_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("mesh")).unwrap();
+        let source = tmp.path().join("src");
+        let bytes = ollama_store(&source);
+        let name = OllamaName::parse("m:t").unwrap();
+        let manifest = store_in::import(&store, &source, &name, &bytes)
+            .unwrap()
+            .expect("imported");
+        let dest = tmp.path().join("dest");
+        std::fs::create_dir_all(&dest).unwrap();
+        let nobody = 65534;
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&dest, Some(nobody), Some(nobody)).unwrap();
+            write(&store, &manifest, &dest).unwrap();
+            let manifest_file = dest.join("manifests/registry.ollama.ai/library/m/t");
+            assert_eq!(std::fs::read(&manifest_file).unwrap(), bytes);
+            for path in [manifest_file, dest.join("manifests"), dest.join("blobs")] {
+                assert_eq!(std::fs::metadata(&path).unwrap().uid(), nobody, "{path:?}");
+            }
+        } else {
+            match write(&store, &manifest, Path::new("/")) {
+                Err(OllamaError::NotWritable { owner: 0, .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
