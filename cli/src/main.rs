@@ -357,13 +357,17 @@ async fn fetch(node: NodeConfig, req: FetchRequest, json: bool) -> Result<()> {
         print_plan(&report, plan)?;
     } else {
         eprintln!(
-            "{}: {} files, {} in {} ({} from peers, {} from HuggingFace, {} already here)",
+            "{}: {} files, {} in {} ({} from peers, {} from {}, {} already here)",
             report.name,
             report.files,
             human_bytes(report.total_bytes),
             report.to.display(),
             human_bytes(report.bytes_from_peers),
             human_bytes(report.bytes_from_hf),
+            match report.name.starts_with("ollama:") {
+                true => "the registry",
+                false => "HuggingFace",
+            },
             human_bytes(report.bytes_already_local),
         );
     }

@@ -192,7 +192,18 @@ impl Root {
                 source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
             });
         }
-        Ok((self.dir(dir, create)?, name.to_string()))
+        let dir = self.dir(dir, create).map_err(|e| match e {
+            RootError::Escapes {
+                root, link, target, ..
+            } => RootError::Escapes {
+                root,
+                path: rel.to_string(),
+                link,
+                target,
+            },
+            e => e,
+        })?;
+        Ok((dir, name.to_string()))
     }
 
     /// Creates (or replaces) the symlink `rel` -> `target`, which must point inside the root.
@@ -334,6 +345,11 @@ impl Dir {
     /// Renames `from` in `self` to `to` in `dir`, replacing it.
     pub fn rename_to(&self, from: &str, dir: &Self, to: &str) -> io::Result<()> {
         Ok(rustix::fs::renameat(&self.fd, from, &dir.fd, to)?)
+    }
+
+    /// Removes the empty folder `name`, if it is empty.
+    pub fn remove_empty_dir(&self, name: &str) {
+        let _ = rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR);
     }
 
     /// Removes the file (or symlink) `name`, if there is one.

@@ -178,6 +178,10 @@ fn an_ollama_model_moves_between_two_nodes_blobs_first_manifest_last() {
     assert_eq!(bad, 0, "the manifest appeared before every blob was whole");
     assert!(blobs_first, "blobs never showed before the manifest");
     assert_same_tree(&store_a, &store_b);
+    assert!(
+        !store_b.join(".mesh-tmp").exists(),
+        "temporary folder left behind"
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["bytes_from_peers"].as_u64().unwrap() >= 6 << 20);
     assert_eq!(report["bytes_from_hf"], 0);

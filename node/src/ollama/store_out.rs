@@ -5,7 +5,7 @@
 //!    where possible (Ollama never writes a blob in place: it writes `-partial` files and
 //!    renames them), else a synced copy; under a temporary name in `<root>/.mesh-tmp/` (not in
 //!    `blobs/`, where Ollama deletes names that are not digests, nor under `manifests/`,
-//!    where it would list them), then renamed into place. A blob already there is checked
+//!    where it would list them; removed again when empty), then renamed into place. A blob already there is checked
 //!    against its sha256 and kept if it matches.
 //! 2. The manifest last, copied (Ollama rewrites manifests in place, which through a hard link
 //!    would change the mesh store's copy): the registry's exact bytes to a temporary file,
@@ -97,6 +97,8 @@ pub fn write(store: &Store, manifest: &Manifest, root_path: &Path) -> Result<(),
     dir.write_atomic(&name, &bytes, &tmp)
         .map_err(io(&dir.join(&name)))?;
     give(&dir, &name).map_err(io(&dir.join(&name)))?;
+    // Another writer may still use it: then it is not empty and stays.
+    root.dir("", false)?.remove_empty_dir(".mesh-tmp");
     Ok(())
 }
 
