@@ -1,12 +1,12 @@
 //! `mesh fetch BUNDLE`: runs the bundle through a [`LocalNode`] and prints what it did (or,
 //! with `--dry-run`, each file's size, source and final path).
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf};
+use std::{io::IsTerminal, path::PathBuf};
 
 use anyhow::Result;
 use mesh_node::{
     api::FetchLine,
-    fetch::bundle::{Bundle, BundleReport},
+    fetch::bundle::{Bundle, BundleOpts, BundleReport},
     local::{LocalError, LocalNode},
     node::NodeConfig,
 };
@@ -19,10 +19,10 @@ pub(crate) async fn run(
     name: &str,
     bundle: Bundle,
     root: Option<PathBuf>,
-    peers: Vec<SocketAddr>,
-    dry_run: bool,
+    opts: BundleOpts,
     json: bool,
 ) -> Result<()> {
+    let dry_run = opts.dry_run;
     let root = bundle.root(name, root).map_err(|e| LocalError::Usage {
         message: e.to_string(),
     })?;
@@ -33,7 +33,7 @@ pub(crate) async fn run(
     let mut local = LocalNode::open(node).await?;
     let shown = bar.clone();
     let result = local
-        .fetch_bundle(name, &bundle, root, &peers, dry_run, |i, line| {
+        .fetch_bundle(name, &bundle, root, &opts, |i, line| {
             match line {
                 FetchLine::Start { total, .. } => totals[i].1 = total,
                 FetchLine::Progress { done, total, .. } => totals[i] = (done, total),

@@ -13,8 +13,9 @@ use mesh_node::{
     config::ConfigFile,
     discovery::PeerInfo,
     fetch::{
-        bundle::lookup as bundle_named, catalog::Kind, targets_for, FetchReport, FetchRequest,
-        Layout,
+        bundle::{lookup as bundle_named, BundleOpts},
+        catalog::Kind,
+        targets_for, FetchReport, FetchRequest, Layout,
     },
     local::{LocalError, LocalNode},
     node::{Node, NodeConfig, DEFAULT_API_PORT, DEFAULT_PORT},
@@ -249,7 +250,12 @@ async fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             if let Some(bundle) = bundle_named(&model, &file.bundles) {
-                return bundle::run(node, &model, bundle, root, peers, dry_run, json).await;
+                let opts = BundleOpts {
+                    peers,
+                    dry_run,
+                    aliases: file.aliases.clone(),
+                };
+                return bundle::run(node, &model, bundle, root, opts, json).await;
             }
             if root.is_some() {
                 anyhow::bail!("--root is for bundles; {model} is not one (use --to DIR)");

@@ -11,7 +11,7 @@ use crate::{
     api::{fetch_lines, AddRequest, ClientError, FetchBody, FetchLine, ModelInfo, NodeClient},
     discovery::PeerInfo,
     fetch::{
-        bundle::{Bundle, BundleError, BundleReport, EntryReport},
+        bundle::{Bundle, BundleError, BundleOpts, BundleReport, EntryReport},
         FetchReport, FetchRequest,
     },
     net::BindError,
@@ -255,17 +255,18 @@ impl LocalNode {
             .collect()
     }
 
-    /// `mesh fetch BUNDLE`: every entry at once into `root`, then the links (for a dry run:
-    /// each file's size, source and final path, and which links are there).
+    /// `mesh fetch BUNDLE`: every entry at once into `root` (entries that could fetch the
+    /// same file one after the other: [`Bundle::waves`]), then the links (for a dry run: each
+    /// file's size, source and final path, and which links are there).
     pub async fn fetch_bundle(
         &mut self,
         name: &str,
         bundle: &Bundle,
         root: PathBuf,
-        peers: &[SocketAddr],
-        dry_run: bool,
-        on_line: impl FnMut(usize, FetchLine),
+        opts: &BundleOpts,
+        mut on_line: impl FnMut(usize, FetchLine),
     ) -> Result<BundleReport, LocalError> {
+        let (peers, dry_run) = (&opts.peers, opts.dry_run);
         let usage = |e: BundleError| LocalError::Usage {
             message: e.to_string(),
         };
@@ -273,14 +274,30 @@ impl LocalNode {
             .requests(name, &root, peers, dry_run)
             .map_err(usage)?;
         let targets: Vec<_> = reqs.iter().map(|r| r.targets[0].clone()).collect();
-        let results = self.fetch_all(reqs, on_line).await;
+        let mut reqs: Vec<Option<FetchRequest>> = reqs.into_iter().map(Some).collect();
+        let mut results: Vec<Option<Result<FetchReport, LocalError>>> =
+            reqs.iter().map(|_| None).collect();
+        for wave in bundle.waves(&opts.aliases) {
+            let batch = wave
+                .iter()
+                .map(|&i| reqs[i].take().expect("each entry is in one wave"))
+                .collect();
+            let done = self
+                .fetch_all(batch, |k, line| on_line(wave[k], line))
+                .await;
+            for (&i, result) in wave.iter().zip(done) {
+                results[i] = Some(result);
+            }
+        }
         let entries: Vec<EntryReport> = bundle
             .files
             .iter()
             .zip(&targets)
             .zip(results)
             .map(|((file, target), result)| {
-                let result = result.map_err(|e| (e.to_string(), e.exit_code()));
+                let result = result
+                    .unwrap_or(Err(LocalError::NoResult))
+                    .map_err(|e| (e.to_string(), e.exit_code()));
                 EntryReport::new(&file.model, target, result)
             })
             .collect();

@@ -26,8 +26,13 @@ use std::{
 use mesh_proto::{ModelRef, RelPath};
 use serde::{Deserialize, Serialize};
 
-use super::{FetchError, FetchReport, FetchRequest, Layout, Target};
-use crate::rooted::{Root, RootError};
+use super::{
+    catalog, catalog::CatalogEntry, FetchError, FetchReport, FetchRequest, Layout, Target,
+};
+use crate::{
+    hf::RepoRef,
+    rooted::{Root, RootError},
+};
 
 /// One bundle, as in the config file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +73,17 @@ pub struct BundleLink {
     pub path: String,
     /// What it points to (relative to the link's folder, or absolute inside the root).
     pub target: PathBuf,
+}
+
+/// How to run a bundle.
+#[derive(Clone, Debug, Default)]
+pub struct BundleOpts {
+    /// Peers to ask besides those discovered.
+    pub peers: Vec<SocketAddr>,
+    /// Only say what would move.
+    pub dry_run: bool,
+    /// The config file's aliases (catalog names).
+    pub aliases: BTreeMap<String, CatalogEntry>,
 }
 
 /// What happened to one link.
@@ -178,6 +194,32 @@ impl Bundle {
             .collect()
     }
 
+    /// The entries in waves that may run at once (indices into `files`). Two entries that
+    /// could fetch the same published file (one catalog file twice, or a whole or globbed
+    /// repo and anything else from it) or the same mesh model are never in one wave: two
+    /// fetches of one file at once would both write its download.
+    pub fn waves(&self, aliases: &BTreeMap<String, CatalogEntry>) -> Vec<Vec<usize>> {
+        let keys: Vec<(String, Vec<String>)> = self
+            .files
+            .iter()
+            .map(|f| source_key(&f.model, aliases))
+            .collect();
+        let overlap = |a: &(String, Vec<String>), b: &(String, Vec<String>)| {
+            a.0 == b.0 && (a.1.is_empty() || b.1.is_empty() || a.1.iter().any(|f| b.1.contains(f)))
+        };
+        let mut waves: Vec<Vec<usize>> = Vec::new();
+        for i in 0..keys.len() {
+            let free = waves
+                .iter_mut()
+                .find(|w| w.iter().all(|&j| !overlap(&keys[i], &keys[j])));
+            match free {
+                Some(wave) => wave.push(i),
+                None => waves.push(vec![i]),
+            }
+        }
+        waves
+    }
+
     /// The root to use: `--root`, else the bundle's.
     pub fn root(&self, name: &str, over: Option<PathBuf>) -> Result<PathBuf, BundleError> {
         over.or_else(|| self.root.clone())
@@ -226,6 +268,18 @@ impl Bundle {
             }
         }
         Ok(())
+    }
+}
+
+/// What an entry fetches from: the repo and its files (empty: any), or the mesh model.
+fn source_key(model: &str, aliases: &BTreeMap<String, CatalogEntry>) -> (String, Vec<String>) {
+    if let Some(entry) = catalog::lookup(model, aliases) {
+        let files = entry.file_map().into_iter().map(|(from, _)| from).collect();
+        return (entry.repo, files);
+    }
+    match RepoRef::parse(model) {
+        Some(repo) => (repo.repo, Vec::new()),
+        None => (model.to_string(), Vec::new()),
     }
 }
 
