@@ -3,6 +3,8 @@
 
 use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
+mod bundle;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -10,7 +12,11 @@ use mesh_node::{
     api::{FetchLine, ModelInfo},
     config::ConfigFile,
     discovery::PeerInfo,
-    fetch::{default_folder, FetchReport, FetchRequest, Target},
+    fetch::{
+        bundle::{lookup as bundle_named, BundleOpts},
+        catalog::Kind,
+        targets_for, FetchReport, FetchRequest, Layout,
+    },
     local::{LocalError, LocalNode},
     node::{Node, NodeConfig, DEFAULT_API_PORT, DEFAULT_PORT},
 };
@@ -62,6 +68,10 @@ enum Command {
         /// Don't import (hash and serve) models found in the HuggingFace cache at start.
         #[arg(long)]
         no_hf_cache_scan: bool,
+        /// Don't import (hash and serve in place) the models of the local Ollama store
+        /// (OLLAMA_MODELS, ~/.ollama/models, /usr/share/ollama/.ollama/models) at start.
+        #[arg(long)]
+        no_ollama_scan: bool,
     },
     /// Hash a file or folder and share it as a model, in place (no copy). Prints the model id.
     Add {
@@ -74,11 +84,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Fetch a model (by name or id) from LAN peers into a folder.
+    /// Fetch a model (by name or id) from LAN peers into a folder, or a bundle into its root.
     Fetch {
-        /// A catalog name (sd3.5_large), a model id, or a HuggingFace repo: org/name[@revision]
-        /// or hf://org/name.
+        /// A catalog name (sd3.5_large), a model id, a HuggingFace repo (org/name[@revision]
+        /// or hf://org/name), or a bundle (ai4artsed, or [bundles.NAME] in the config file).
         model: String,
+        /// For a bundle: the root its paths are under [default: the bundle's `root`].
+        #[arg(long)]
+        root: Option<PathBuf>,
         /// A peer to fetch from besides those found by mDNS, IP:PORT; repeat for several.
         #[arg(long = "peer")]
         peers: Vec<SocketAddr>,
@@ -97,9 +110,20 @@ enum Command {
         /// Show each file, its size and where it would come from; move nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Also put the model into the HuggingFace cache (HF_HUB_CACHE / HF_HOME), linked.
+        /// Also put the model into the HuggingFace cache (HF_HUB_CACHE / HF_HOME), linked
+        /// (`--layout hf-cache` beside the folder).
         #[arg(long)]
         hf_cache: bool,
+        /// Where files go under --to: plain (paths as in the model), comfyui (models/<kind
+        /// folder>/), swarmui (Models/<kind folder>/), hf-cache, ollama [default: plain;
+        /// ollama, into the Ollama store, for ollama:NAME:TAG].
+        #[arg(long)]
+        layout: Option<Layout>,
+        /// The kind of model, for --layout comfyui|swarmui when the catalog doesn't say:
+        /// checkpoint, diffusion-model, text-encoder (clip), vae, lora, upscaler, controlnet,
+        /// clip-vision, embedding.
+        #[arg(long)]
+        kind: Option<Kind>,
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
@@ -189,6 +213,7 @@ async fn run(cli: Cli) -> Result<()> {
         bootstrap: file.peers.clone(),
         aliases: file.aliases.clone(),
         hf_cache_scan: false,
+        ollama_scan: false,
     };
     match cli.command {
         Command::Node {
@@ -198,6 +223,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_upload,
             peers,
             no_hf_cache_scan,
+            no_ollama_scan,
         } => {
             node.listen = listen.unwrap_or(node.listen);
             let default_api = SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT));
@@ -205,11 +231,13 @@ async fn run(cli: Cli) -> Result<()> {
             node.max_upload = max_upload.or(node.max_upload);
             node.bootstrap.extend(peers);
             node.hf_cache_scan = !no_hf_cache_scan;
+            node.ollama_scan = !no_ollama_scan;
             run_node(node).await
         }
         Command::Add { path, name, json } => add(node, path, name, json).await,
         Command::Fetch {
             model,
+            root,
             peers,
             to,
             revision,
@@ -217,25 +245,30 @@ async fn run(cli: Cli) -> Result<()> {
             exclude,
             dry_run,
             hf_cache,
+            layout,
+            kind,
             json,
         } => {
+            if let Some(bundle) = bundle_named(&model, &file.bundles) {
+                let opts = BundleOpts {
+                    peers,
+                    dry_run,
+                    aliases: file.aliases.clone(),
+                };
+                return bundle::run(node, &model, bundle, root, opts, json).await;
+            }
+            if root.is_some() {
+                anyhow::bail!("--root is for bundles; {model} is not one (use --to DIR)");
+            }
             let model = match revision {
                 Some(rev) if !model.contains('@') => format!("{model}@{rev}"),
                 Some(_) => anyhow::bail!("give the revision once: as --revision or as @revision"),
                 None => model,
             };
             let model: ModelRef = model.parse().context("bad model name")?;
-            let folder = match to {
-                Some(to) => std::path::absolute(to)?,
-                None => default_folder(&model, &std::env::current_dir()?),
-            };
-            let mut targets = vec![Target::folder(folder)];
-            if hf_cache || file.hf_cache {
-                targets.push(
-                    Target::hf_cache()
-                        .context("no HuggingFace cache folder: set HF_HUB_CACHE or HF_HOME")?,
-                );
-            }
+            let cwd = std::env::current_dir()?;
+            let targets = targets_for(&model, to, layout, kind, hf_cache || file.hf_cache, &cwd)
+                .map_err(|message| LocalError::Usage { message })?;
             let req = FetchRequest {
                 model,
                 peers,
@@ -330,13 +363,17 @@ async fn fetch(node: NodeConfig, req: FetchRequest, json: bool) -> Result<()> {
         print_plan(&report, plan)?;
     } else {
         eprintln!(
-            "{}: {} files, {} in {} ({} from peers, {} from HuggingFace, {} already here)",
+            "{}: {} files, {} in {} ({} from peers, {} from {}, {} already here)",
             report.name,
             report.files,
             human_bytes(report.total_bytes),
             report.to.display(),
             human_bytes(report.bytes_from_peers),
             human_bytes(report.bytes_from_hf),
+            match report.name.starts_with("ollama:") {
+                true => "the registry",
+                false => "HuggingFace",
+            },
             human_bytes(report.bytes_already_local),
         );
     }
@@ -416,7 +453,7 @@ async fn ls(node: NodeConfig, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn progress_bar(total: u64) -> ProgressBar {
+pub(crate) fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
@@ -427,6 +464,6 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
 }

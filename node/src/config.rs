@@ -26,6 +26,9 @@ pub struct ConfigFile {
     /// Materialize fetched HuggingFace models into the HF cache by default.
     #[serde(default)]
     pub hf_cache: bool,
+    /// Named sets of files placed under one root (`mesh fetch BUNDLE`).
+    #[serde(default)]
+    pub bundles: std::collections::BTreeMap<String, crate::fetch::bundle::Bundle>,
 }
 
 /// A config file that can't be read or parsed.

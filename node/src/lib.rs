@@ -8,13 +8,13 @@
 //! | 1 | [`node`], [`local`], [`config`] | wiring a node; the node a command talks to; the config file |
 //! | 2 | [`api`] | the local HTTP API, its client, and the HuggingFace-compatible endpoint |
 //! | 3 | [`fetch`] | resolve a name, plan sources, drive the swarm, materialize into targets |
-//! | 4 | [`hf`] | the Hub client, the fleet split of HF pieces, HF cache in and out |
+//! | 4 | [`hf`], [`ollama`] | the Hub client, HF cache in and out; the Ollama store in and out, its registry |
 //! | 5 | [`swarm`] | the block scheduler: a pure policy and its async driver |
 //! | 6 | [`transfer`] | one request each way: serve ([`transfer::provider`]), fetch and verify |
 //! | 7 | [`discovery`] | where peer addresses come from (mDNS, `--peer`, bootstrap) and the peer set |
 //! | 8 | [`net`] | the QUIC endpoint, the membership handshake, frames |
 //! | 9 | [`store`] | blobs, outboards, partial downloads (mesh and HF pieces), redb metadata |
-//! | 10 | [`metrics`] | counters every layer bumps |
+//! | 10 | [`metrics`], [`rooted`] | counters every layer bumps; a folder nothing is written outside of |
 //!
 //! Wire types and formats live in the `mesh-proto` crate, below all of these.
 //!
@@ -32,6 +32,8 @@ pub mod local;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod ollama;
+pub mod rooted;
 pub mod store;
 pub mod swarm;
 pub mod transfer;

@@ -10,7 +10,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use crate::{
     api::{fetch_lines, AddRequest, ClientError, FetchBody, FetchLine, ModelInfo, NodeClient},
     discovery::PeerInfo,
-    fetch::{FetchReport, FetchRequest},
+    fetch::{
+        bundle::{Bundle, BundleError, BundleOpts, BundleReport, EntryReport},
+        FetchReport, FetchRequest,
+    },
     net::BindError,
     node::{Node, NodeConfig, NodeError},
     store::{blocking, AddProgress, Store, StoreError},
@@ -51,6 +54,12 @@ pub enum LocalError {
     /// The node ended a fetch stream without a result.
     #[error("the node ended the fetch stream without a result")]
     NoResult,
+    /// The command line asks for something that can't be done (exit 2).
+    #[error("{message}")]
+    Usage {
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl LocalError {
@@ -58,6 +67,7 @@ impl LocalError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Fetch { code, .. } => *code,
+            Self::Usage { .. } => 2,
             _ => 1,
         }
     }
@@ -171,19 +181,135 @@ impl LocalNode {
                 fetch_lines(node.fetcher(), req, PROGRESS_EVERY, on_line).await
             }
         };
-        match last {
-            FetchLine::Done { report } => Ok(report),
-            FetchLine::Error {
-                message,
-                code,
-                hint,
-            } => Err(LocalError::Fetch {
-                message,
-                code,
-                hint,
-            }),
-            _ => Err(LocalError::NoResult),
+        outcome(last)
+    }
+
+    /// Runs several fetches at once in one node (so they share its peers and swarm), calling
+    /// `on_line` with each one's index and lines; returns each result in order.
+    pub async fn fetch_all(
+        &mut self,
+        reqs: Vec<FetchRequest>,
+        mut on_line: impl FnMut(usize, FetchLine),
+    ) -> Vec<Result<FetchReport, LocalError>> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = tokio::task::JoinSet::new();
+        let count = reqs.len();
+        for (i, req) in reqs.into_iter().enumerate() {
+            let tx = tx.clone();
+            match self {
+                Self::Running(client) => {
+                    let client = client.clone();
+                    tasks.spawn(async move {
+                        let mut last = None;
+                        let streamed = client
+                            .fetch(&FetchBody::new(&req), |line| match line {
+                                FetchLine::Done { .. } | FetchLine::Error { .. } => {
+                                    last = Some(line)
+                                }
+                                line => drop(tx.send((i, line))),
+                            })
+                            .await;
+                        let result = match (streamed, last) {
+                            (Err(e), _) => Err(e.into()),
+                            (Ok(()), Some(last)) => outcome(last),
+                            (Ok(()), None) => Err(LocalError::NoResult),
+                        };
+                        (i, result)
+                    });
+                }
+                Self::Embedded(e) => {
+                    let fetcher = match e.node().await {
+                        Ok(node) => node.fetcher().clone(),
+                        Err(e) => {
+                            let message = e.to_string();
+                            tasks.spawn(async move { (i, Err(LocalError::Usage { message })) });
+                            continue;
+                        }
+                    };
+                    tasks.spawn(async move {
+                        let send = move |line| drop(tx.send((i, line)));
+                        (
+                            i,
+                            outcome(fetch_lines(&fetcher, req, PROGRESS_EVERY, send).await),
+                        )
+                    });
+                }
+            }
         }
+        drop(tx);
+        let mut results: Vec<Option<Result<FetchReport, LocalError>>> =
+            (0..count).map(|_| None).collect();
+        loop {
+            tokio::select! {
+                Some((i, line)) = rx.recv() => on_line(i, line),
+                joined = tasks.join_next() => match joined {
+                    Some(Ok((i, result))) => results[i] = Some(result),
+                    Some(Err(e)) => tracing::warn!("a fetch task failed: {e}"),
+                    None => break,
+                },
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(LocalError::NoResult)))
+            .collect()
+    }
+
+    /// `mesh fetch BUNDLE`: every entry at once into `root` (entries that could fetch the
+    /// same file one after the other: [`Bundle::waves`]), then the links (for a dry run: each
+    /// file's size, source and final path, and which links are there).
+    pub async fn fetch_bundle(
+        &mut self,
+        name: &str,
+        bundle: &Bundle,
+        root: PathBuf,
+        opts: &BundleOpts,
+        mut on_line: impl FnMut(usize, FetchLine),
+    ) -> Result<BundleReport, LocalError> {
+        let (peers, dry_run) = (&opts.peers, opts.dry_run);
+        let usage = |e: BundleError| LocalError::Usage {
+            message: e.to_string(),
+        };
+        let reqs = bundle
+            .requests(name, &root, peers, dry_run)
+            .map_err(usage)?;
+        let targets: Vec<_> = reqs.iter().map(|r| r.targets[0].clone()).collect();
+        let mut reqs: Vec<Option<FetchRequest>> = reqs.into_iter().map(Some).collect();
+        let mut results: Vec<Option<Result<FetchReport, LocalError>>> =
+            reqs.iter().map(|_| None).collect();
+        for wave in bundle.waves(&opts.aliases) {
+            let batch = wave
+                .iter()
+                .map(|&i| reqs[i].take().expect("each entry is in one wave"))
+                .collect();
+            let done = self
+                .fetch_all(batch, |k, line| on_line(wave[k], line))
+                .await;
+            for (&i, result) in wave.iter().zip(done) {
+                results[i] = Some(result);
+            }
+        }
+        let entries: Vec<EntryReport> = bundle
+            .files
+            .iter()
+            .zip(&targets)
+            .zip(results)
+            .map(|((file, target), result)| {
+                let result = result
+                    .unwrap_or(Err(LocalError::NoResult))
+                    .map_err(|e| (e.to_string(), e.exit_code()));
+                EntryReport::new(&file.model, target, result)
+            })
+            .collect();
+        let links = if entries.iter().all(|e| e.error.is_none()) {
+            let (bundle, at) = (bundle.clone(), root.clone());
+            tokio::task::spawn_blocking(move || bundle.make_links(&at, dry_run))
+                .await
+                .expect("link task panicked")
+        } else {
+            Ok(Vec::new())
+        };
+        Ok(BundleReport::new(name, &root, entries, links))
     }
 
     /// The peers this node sees. Without a running node, an embedded one listens for
@@ -214,6 +340,23 @@ impl LocalNode {
                 node.shutdown().await;
             }
         }
+    }
+}
+
+/// A fetch's last line as its result.
+fn outcome(last: FetchLine) -> Result<FetchReport, LocalError> {
+    match last {
+        FetchLine::Done { report } => Ok(report),
+        FetchLine::Error {
+            message,
+            code,
+            hint,
+        } => Err(LocalError::Fetch {
+            message,
+            code,
+            hint,
+        }),
+        _ => Err(LocalError::NoResult),
     }
 }
 

@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub aliases: std::collections::BTreeMap<String, CatalogEntry>,
     /// Import models found in the HuggingFace cache at start.
     pub hf_cache_scan: bool,
+    /// Import (serve in place) the models of the local Ollama store at start.
+    pub ollama_scan: bool,
 }
 
 /// Why a node could not start.
@@ -182,6 +184,11 @@ impl Node {
         if config.hf_cache_scan {
             if let Some(cache) = cache_out::cache_dir() {
                 cache_in::spawn_scan(store.clone(), cache, cancel.clone());
+            }
+        }
+        if config.ollama_scan {
+            if let Some(models) = crate::ollama::local_store() {
+                crate::ollama::store_in::spawn_scan(store.clone(), models, cancel.clone());
             }
         }
         info!(listen = %info.listen, api = ?info.api, "node running");

@@ -165,6 +165,13 @@ pub enum Source {
     },
     /// A folder on the machine that added it.
     Local,
+    /// An Ollama model: its manifest and blobs, as in an Ollama store.
+    Ollama {
+        /// `host/namespace/model:tag`.
+        name: String,
+        /// The sha256 (hex) of its manifest's bytes: Ollama's model id.
+        digest: String,
+    },
 }
 
 /// One file of a model.

@@ -73,7 +73,9 @@ pub fn mesh_cmd(home: &Path, key: Option<&str>, netns: Option<&str>) -> Command 
         .env_remove("HF_TOKEN")
         .env_remove("HF_ENDPOINT")
         .env_remove("MESH_KEY")
-        .env_remove("RUST_LOG");
+        .env_remove("RUST_LOG")
+        .env("OLLAMA_MODELS", home.join("ollama"))
+        .env_remove("OLLAMA_REGISTRY");
     if netns.is_none() {
         // Loopback tests name their peers; mDNS would let concurrent tests find each other.
         cmd.env("MESH_NO_MDNS", "1");
@@ -420,6 +422,67 @@ pub fn hf_client(
         print_output(&format!("hf_client.py {}", args.join(" ")), &out);
         panic!("hf_client.py printed no JSON ({e})")
     })
+}
+
+/// A running `fake-ollama` (the local Ollama registry stand-in); killed when dropped.
+pub struct FakeRegistry {
+    /// The process.
+    pub child: Child,
+    /// `http://IP:PORT` to use as `OLLAMA_REGISTRY`.
+    pub url: String,
+}
+
+impl FakeRegistry {
+    /// Starts `fake-ollama` serving the Ollama store `store`, with extra arguments
+    /// (`--corrupt HEX`).
+    pub fn start(dir: &Path, store: &Path, args: &[&str]) -> Result<Self> {
+        let bin = mesh_bin().with_file_name("fake-ollama");
+        let addr_file = dir.join("fake-ollama.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let child = Command::new(&bin)
+            .arg("--store")
+            .arg(store)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let mut reg = Self {
+            child,
+            url: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reg.url.is_empty() {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                if let Some(api) = text.split_whitespace().next() {
+                    reg.url = format!("http://{api}");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("fake-ollama did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(reg)
+    }
+
+    /// Blob bytes its CDN has served so far.
+    pub fn served_bytes(&self) -> u64 {
+        let addr: SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
+        let body = http_get(addr, "/_stats").expect("fake-ollama stats");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["served_bytes"].as_u64().unwrap()
+    }
+}
+
+impl Drop for FakeRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Prints a finished command's exit code and output, for test logs.

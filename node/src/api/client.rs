@@ -38,7 +38,7 @@ impl NodeInfo {
 }
 
 /// A client for a node running on the same store.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct NodeClient {
     base: String,
     token: String,

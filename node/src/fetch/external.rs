@@ -13,6 +13,7 @@ use mesh_proto::{FileEntry, Manifest, Source as ModelSource};
 use tracing::warn;
 
 use super::{
+    adopt::InPlace,
     resolve::Published,
     sources::{HubOrigin, LocalCopies, PeerCopies, Source, Tally, Wanted},
     target::check_space,
@@ -42,6 +43,7 @@ impl Fetcher {
         }
         let (name, revision) = (published.name, published.repo.revision);
         let mut sources: Vec<Box<dyn Source>> = vec![
+            Box::new(InPlace::new(self, &name, &req.targets, req.dry_run)),
             Box::new(LocalCopies),
             Box::new(PeerCopies::new(&name, &info)),
             Box::new(HubOrigin::new(info.clone())),
@@ -73,7 +75,7 @@ impl Fetcher {
             }
         }
         let manifest = self.record(name, &info, &wanted).await?;
-        self.materialize(&manifest, &req.targets, &revision).await?;
+        report.replaced = self.materialize(&manifest, &req.targets, &revision).await?;
         report.id = manifest.id().to_string();
         report.bytes_from_peers = tally.from_peers;
         report.bytes_from_hf = tally.from_hf;
@@ -123,7 +125,13 @@ fn report_for(name: &str, info: &RepoInfo, req: &FetchRequest, wanted: &[Wanted]
     let size = |local: bool| {
         wanted
             .iter()
-            .filter(|w| !local || w.origin == Some(super::Origin::Local))
+            .filter(|w| {
+                !local
+                    || matches!(
+                        w.origin,
+                        Some(super::Origin::Local | super::Origin::InPlace)
+                    )
+            })
             .map(|w| w.file.size)
             .sum()
     };
@@ -143,7 +151,12 @@ fn report_for(name: &str, info: &RepoInfo, req: &FetchRequest, wanted: &[Wanted]
         peers_used: Vec::new(),
         seconds: 0.0,
         source: Some(format!("{}@{}", info.repo, info.commit)),
-        plan: None,
+        in_place: wanted
+            .iter()
+            .filter(|w| w.origin == Some(super::Origin::InPlace))
+            .map(|w| w.target.to_string())
+            .collect(),
+        ..FetchReport::default()
     }
 }
 

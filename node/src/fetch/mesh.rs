@@ -44,8 +44,11 @@ impl Fetcher {
             Some(manifest) => manifest,
             None => self.resolve(&req.model, &mut connect_errors).await?,
         };
+        let in_place = self
+            .adopt_in_place(&manifest, &req.targets, req.dry_run)
+            .await?;
         if req.dry_run {
-            return self.plan_mesh(&manifest, &req, started).await;
+            return self.plan_mesh(&manifest, &req, &in_place, started).await;
         }
         for target in &req.targets {
             target.check()?;
@@ -95,8 +98,10 @@ impl Fetcher {
             };
         }
         drop(partials);
-        self.materialize(&manifest, &req.targets, "main").await?;
+        let replaced = self.materialize(&manifest, &req.targets, "main").await?;
         let mut report = FetchReport::new(&manifest, &req, started);
+        report.replaced = replaced;
+        report.in_place = in_place_paths(&manifest, &in_place);
         report.bytes_already_local = already;
         report.bytes_from_peers =
             self.metrics.bytes_received.load(Ordering::Relaxed) - received_before;
@@ -135,11 +140,12 @@ impl Fetcher {
         &self,
         manifest: &Manifest,
         req: &FetchRequest,
+        in_place: &[Option<Origin>],
         started: Instant,
     ) -> Result<FetchReport, FetchError> {
         let mut plan = Vec::new();
         let mut local = 0;
-        for file in manifest.files() {
+        for (file, in_place) in manifest.files().iter().zip(in_place) {
             let store = self.store.clone();
             let (hash, size) = (file.hash, file.size);
             let here = blocking(move || store.status(hash, size)).await? == BlobStatus::Complete;
@@ -149,10 +155,15 @@ impl Fetcher {
             plan.push(PlanEntry {
                 path: file.path.to_string(),
                 size: file.size,
-                origin: if here { Origin::Local } else { Origin::Peer },
+                origin: match (in_place, here) {
+                    (Some(origin), _) => *origin,
+                    (None, true) => Origin::Local,
+                    (None, false) => Origin::Peer,
+                },
             });
         }
         let mut report = FetchReport::new(manifest, req, started);
+        report.in_place = in_place_paths(manifest, in_place);
         report.bytes_already_local = local;
         report.plan = Some(plan);
         Ok(report)
@@ -184,6 +195,16 @@ impl Fetcher {
         }
         guards
     }
+}
+
+fn in_place_paths(manifest: &Manifest, in_place: &[Option<Origin>]) -> Vec<String> {
+    manifest
+        .files()
+        .iter()
+        .zip(in_place)
+        .filter(|(_, o)| **o == Some(Origin::InPlace))
+        .map(|(f, _)| f.path.to_string())
+        .collect()
 }
 
 async fn missing_bytes(store: &Store, manifest: &Manifest) -> Result<u64, FetchError> {

@@ -14,13 +14,20 @@
 //! 4. Checkpoint every blob, then materialize into each target: a file appears at its final
 //!    path only when whole and verified.
 //!
+//! Before any source, files already at their final path are adopted in place ([`adopt`]).
+//! `ollama:` names take their own path ([`ollama`]): the mesh, else the Ollama registry.
+//! A [`bundle`] is several fetches run at once in one node, plus links.
+//!
 //! A new origin (a mirror, a registry) is one more source in [`sources`]; a new place for
 //! files (an app's folder layout) is one more [`Layout`].
 
+mod adopt;
+pub mod bundle;
 pub mod catalog;
 mod external;
 pub mod file;
 mod mesh;
+mod ollama;
 pub mod plan;
 mod resolve;
 mod sources;
@@ -42,7 +49,7 @@ pub use self::{
     file::{FileState, FileTally},
     plan::{Origin, PlanEntry},
     resolve::ask_manifest,
-    target::{default_folder, Layout, Target},
+    target::{default_folder, targets_for, Layout, Target},
 };
 use crate::{
     discovery::Peers,
@@ -53,6 +60,8 @@ use crate::{
     },
     metrics::Metrics,
     net::ConnectError,
+    ollama::{OllamaError, OllamaName},
+    rooted::RootError,
     store::{pieces::PieceFile, Store, StoreError},
     swarm::DownloadError,
 };
@@ -93,7 +102,7 @@ pub struct FileProgress {
 }
 
 /// The summary of a finished fetch (printed by `mesh fetch --json`).
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct FetchReport {
     /// The model id.
     pub id: String,
@@ -119,6 +128,13 @@ pub struct FetchReport {
     pub source: Option<String>,
     /// With `--dry-run`: each file, its size and where it would come from.
     pub plan: Option<Vec<PlanEntry>>,
+    /// Files (paths in the model) already at their final path with the right bytes: adopted
+    /// in place (hashed, served from there), nothing fetched.
+    #[serde(default)]
+    pub in_place: Vec<String>,
+    /// Final paths where a different file was replaced.
+    #[serde(default)]
+    pub replaced: Vec<PathBuf>,
 }
 
 /// Why a fetch failed.
@@ -178,6 +194,36 @@ pub enum FetchError {
     /// A local store error.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A path under a target leads outside it (a symlink), or can't be written.
+    #[error(transparent)]
+    Root(#[from] RootError),
+    /// An app layout needs the kind of model and nothing says it.
+    #[error("--layout {layout} needs to know what kind of model {model} is: use a catalog name, or say --kind KIND")]
+    NoKind {
+        /// The model.
+        model: String,
+        /// The layout.
+        layout: Layout,
+    },
+    /// A bundle entry's `to` names one file, but the model has several.
+    #[error("`to = {to:?}` names one file but the model has {files}: end it with / for a folder")]
+    BadTo {
+        /// The `to`.
+        to: String,
+        /// The model's file count.
+        files: usize,
+    },
+    /// An Ollama name, registry or store failed.
+    #[error(transparent)]
+    Ollama(#[from] OllamaError),
+    /// A bundle link points at nothing.
+    #[error("link {path} -> {target} does not resolve: fix the bundle's link target")]
+    DanglingLink {
+        /// The link.
+        path: PathBuf,
+        /// Its target.
+        target: PathBuf,
+    },
     /// Writing the target files failed.
     #[error("{path}: {source}")]
     Materialize {
@@ -250,7 +296,13 @@ impl Fetcher {
         req: FetchRequest,
         on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
     ) -> Result<FetchReport, FetchError> {
+        self.check_kinds(&req)?;
         if let ModelRef::Name(name) = &req.model {
+            if name.starts_with(crate::ollama::PREFIX) {
+                let parsed =
+                    OllamaName::parse(name).ok_or_else(|| OllamaError::BadName(name.clone()))?;
+                return self.fetch_ollama(req, parsed, on_start).await;
+            }
             if let Some(published) = self.published(name) {
                 // `on_start` can only be called once: hand it over only if the Hub answers (or
                 // this node kept what it said).
@@ -278,6 +330,25 @@ impl Fetcher {
             }
         }
         self.fetch_mesh(req, on_start).await
+    }
+}
+
+impl Fetcher {
+    /// App layouts need the kind of model: from the request, or the catalog (checked before
+    /// any byte moves).
+    fn check_kinds(&self, req: &FetchRequest) -> Result<(), FetchError> {
+        let name = req.model.to_string();
+        let catalog = catalog::lookup(&name, &self.aliases).and_then(|e| e.kind);
+        for t in &req.targets {
+            let app = matches!(t.layout, Layout::ComfyUi | Layout::SwarmUi);
+            if app && t.kind.is_none() && catalog.is_none() {
+                return Err(FetchError::NoKind {
+                    model: name,
+                    layout: t.layout,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -331,24 +402,30 @@ impl FetchReport {
                 _ => None,
             },
             plan: None,
+            in_place: Vec::new(),
+            replaced: Vec::new(),
         }
     }
 }
 
 impl Fetcher {
-    /// Puts a complete model into every target.
+    /// Puts a complete model into every target; returns the paths where another file was
+    /// replaced.
     async fn materialize(
         &self,
         manifest: &Manifest,
         targets: &[Target],
         revision: &str,
-    ) -> Result<(), FetchError> {
+    ) -> Result<Vec<PathBuf>, FetchError> {
         let (store, manifest) = (self.store.clone(), manifest.clone());
         let (targets, revision) = (targets.to_vec(), revision.to_string());
+        let kind = catalog::lookup(manifest.name(), &self.aliases).and_then(|e| e.kind);
         tokio::task::spawn_blocking(move || {
-            targets
-                .iter()
-                .try_for_each(|t| t.materialize(&store, &manifest, &revision))
+            let mut replaced = Vec::new();
+            for t in &targets {
+                replaced.extend(t.materialize(&store, &manifest, &revision, kind)?);
+            }
+            Ok(replaced)
         })
         .await
         .expect("materialize task panicked")
@@ -363,7 +440,17 @@ impl FetchError {
             Self::Connect(_) | Self::NoPeers(_) | Self::BadManifest { .. } => 4,
             Self::Download(e) if e.is_bad_data() => 5,
             Self::Download(DownloadError::NoSource { .. }) => 4,
-            Self::TargetNotWritable { .. } | Self::NoSpace { .. } => 6,
+            Self::TargetNotWritable { .. } | Self::NoSpace { .. } | Self::Root(_) => 6,
+            Self::HfCache(HfCacheError::Root(_)) => 6,
+            Self::NoKind { .. } | Self::BadTo { .. } | Self::DanglingLink { .. } => 2,
+            Self::Ollama(e) => match e {
+                OllamaError::BadName(_) => 2,
+                OllamaError::NotFound { .. } => 3,
+                OllamaError::Mismatch { .. } => 5,
+                OllamaError::Unauthorized { .. } | OllamaError::Http { .. } => 4,
+                OllamaError::Store(_) => 1,
+                _ => 6,
+            },
             Self::Hub(HubError::NotFound(_)) => 3,
             Self::Hub(HubError::Mismatch { .. }) => 5,
             Self::Hub(_) => 4,
@@ -385,6 +472,16 @@ impl FetchError {
             }
             Self::UnknownModel(_) => Some("`mesh ls` on a peer lists the models it has"),
             Self::NoSpace { .. } => Some("free some space or set MESH_HOME to a bigger disk"),
+            Self::Ollama(OllamaError::NotWritable { .. }) => Some(
+                "the Ollama store usually belongs to the `ollama` user: run `sudo -u ollama mesh fetch ...` (or as root), or set OLLAMA_MODELS (or --to) to a folder you own",
+            ),
+            Self::Ollama(OllamaError::NotFound { .. }) => {
+                Some("check the name and tag (ollama.com/library lists them); no peer has it either")
+            }
+            Self::Root(RootError::Escapes { .. })
+            | Self::HfCache(HfCacheError::Root(RootError::Escapes { .. })) => Some(
+                "mesh never writes through a symlink that leaves the target folder: remove the link or fetch into its target directly",
+            ),
             Self::Hub(HubError::Unauthorized { .. }) => Some(
                 "accept the model's terms on huggingface.co, then set HF_TOKEN (or run `huggingface-cli login`)",
             ),

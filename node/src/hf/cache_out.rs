@@ -7,24 +7,21 @@
 //!   snapshots/<commit>/<path>             symlink -> ../../blobs/<etag> (relative)
 //!   refs/<revision>                       the commit, for a branch or tag revision
 //! ```
+//!
+//! Every path is resolved under the cache folder through `rooted::Root`: a symlink in the
+//! cache that leads outside it is refused, never written through.
 
 use std::{
-    fs, io,
+    io,
     path::{Path, PathBuf},
 };
 
 use mesh_proto::{Manifest, Source};
 
-use crate::store::{Store, StoreError};
-
-/// Hard-links `src` to `dest`, or copies it (synced) where a link is impossible.
-pub(crate) fn link_or_copy(src: &Path, dest: &Path) -> io::Result<()> {
-    if fs::hard_link(src, dest).is_ok() {
-        return Ok(());
-    }
-    fs::copy(src, dest)?;
-    fs::File::open(dest)?.sync_all()
-}
+use crate::{
+    rooted::{Root, RootError},
+    store::{Store, StoreError},
+};
 
 /// Why the export failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +36,9 @@ pub enum HfCacheError {
     /// Store lookup failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A path in the cache leads outside it, or can't be written.
+    #[error(transparent)]
+    Root(#[from] RootError),
     /// File system error.
     #[error("{path}: {source}")]
     Io {
@@ -70,48 +70,33 @@ pub fn export(
     let Source::HuggingFace { repo, commit } = manifest.source() else {
         return Err(HfCacheError::NotFromHub(manifest.name().to_string()));
     };
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| HfCacheError::Io { path, source }
-    };
-    let base = cache.join(format!("models--{}", repo.replace('/', "--")));
-    let blobs = base.join("blobs");
-    let snapshot = base.join("snapshots").join(commit);
-    fs::create_dir_all(&blobs).map_err(io(&blobs))?;
-    fs::create_dir_all(&snapshot).map_err(io(&snapshot))?;
+    let io = |path: PathBuf| move |source| HfCacheError::Io { path, source };
+    let root = Root::open(cache)?;
+    let base = format!("models--{}", repo.replace('/', "--"));
+    let blobs = root.dir(&format!("{base}/blobs"), true)?;
+    let snapshot = format!("{base}/snapshots/{commit}");
     for file in manifest.files() {
         let etag = file
             .etag
             .as_deref()
             .ok_or_else(|| HfCacheError::NoEtag(file.path.to_string()))?;
-        let blob = blobs.join(etag);
-        if !blob.exists() {
-            let tmp = blobs.join(format!("{etag}.mesh-tmp"));
-            let _ = fs::remove_file(&tmp);
-            if file.size == 0 {
-                fs::File::create(&tmp).map_err(io(&tmp))?;
-            } else {
-                let src = store.data_path(file.hash)?;
-                link_or_copy(&src, &tmp).map_err(io(&tmp))?;
-            }
-            fs::rename(&tmp, &blob).map_err(io(&blob))?;
+        if blobs.stat(etag).map_err(io(blobs.join(etag)))?.is_none() {
+            let src = match file.size {
+                0 => None,
+                _ => Some(store.data_path(file.hash)?),
+            };
+            blobs
+                .place(etag, src.as_deref())
+                .map_err(io(blobs.join(etag)))?;
         }
-        let link = file.path.under(&snapshot);
-        let parent = link.parent().expect("a snapshot file has a folder");
-        fs::create_dir_all(parent).map_err(io(parent))?;
         let depth = file.path.as_str().split('/').count() + 1;
         let target = PathBuf::from("../".repeat(depth)).join("blobs").join(etag);
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&target, &link).map_err(io(&link))?;
+        root.symlink(&format!("{snapshot}/{}", file.path), &target)?;
     }
     if revision != commit {
-        let refs = base.join("refs");
-        fs::create_dir_all(&refs).map_err(io(&refs))?;
-        let r = refs.join(revision);
-        if let Some(parent) = r.parent() {
-            fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        fs::write(&r, commit).map_err(io(&r))?;
+        let (refs, name) = root.parent_of(&format!("{base}/refs/{revision}"), true)?;
+        refs.write_atomic(&name, commit.as_bytes(), &refs)
+            .map_err(io(refs.join(&name)))?;
     }
-    Ok(snapshot)
+    Ok(root.dir(&snapshot, false)?.path().to_path_buf())
 }

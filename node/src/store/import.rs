@@ -68,7 +68,7 @@ pub(super) fn add_path(
     let mut done = 0;
     let mut entries = Vec::with_capacity(files.len());
     for (rel, abs) in files {
-        let (hash, size) = add_file(store, &abs)?;
+        let (hash, size) = add_file(store, &abs, None)?;
         done += size;
         progress(AddProgress {
             path: rel.clone(),
@@ -110,8 +110,13 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(RelPath, PathBuf)>) -> Result<()
     Ok(())
 }
 
-/// Hashes one file in place and records it, unless the store already has it complete.
-pub(super) fn add_file(store: &Store, path: &Path) -> Result<(Hash, u64), StoreError> {
+/// Hashes one file in place and records it, unless the store already has it complete (or
+/// its BLAKE3 root is not `expected`: then nothing is recorded).
+pub(super) fn add_file(
+    store: &Store,
+    path: &Path,
+    expected: Option<Hash>,
+) -> Result<(Hash, u64), StoreError> {
     let file = fs::File::open(path).map_err(StoreError::io(path))?;
     let before = file.metadata().map_err(StoreError::io(path))?;
     let size = before.len();
@@ -135,7 +140,7 @@ pub(super) fn add_file(store: &Store, path: &Path) -> Result<(Hash, u64), StoreE
         return Err(StoreError::SourceChanged(path.to_path_buf()));
     }
     outboard.sync_all().map_err(StoreError::io(&tmp))?;
-    if size > 0 {
+    if size > 0 && expected.is_none_or(|e| e == hash) {
         let already = matches!(
             db::blob(&store.inner.db, hash)?,
             Some(BlobRecord::Complete { .. })

@@ -282,7 +282,13 @@ impl Store {
 
     /// Hashes one file and serves it in place (as `mesh add` does for each file).
     pub fn add_in_place(&self, path: &Path) -> Result<(Hash, u64), StoreError> {
-        import::add_file(self, path)
+        import::add_file(self, path, None)
+    }
+
+    /// Hashes one file and serves it in place only if its BLAKE3 root is `expected` (a file
+    /// found where a fetch would put that blob); returns whether it was.
+    pub fn add_in_place_if(&self, path: &Path, expected: Hash) -> Result<bool, StoreError> {
+        Ok(import::add_file(self, path, Some(expected))?.0 == expected)
     }
 
     /// Records a manifest and points its name at it.
