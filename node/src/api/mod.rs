@@ -189,10 +189,17 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
         .into_iter()
         .map(|(name, _, value)| (name.to_string(), value.into()))
         .collect();
+    let hf_requests: serde_json::Map<_, _> = state
+        .metrics
+        .hf_requests()
+        .into_iter()
+        .map(|(status, n)| (status, n.into()))
+        .collect();
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "listen": state.listen,
         "counters": counters,
+        "hf_endpoint_requests": hf_requests,
     }))
 }
 

@@ -312,7 +312,10 @@ fn place_files(
         let src = match file.size {
             0 if dir.file_size(&name).map_err(err)? == Some(0) => continue,
             0 => None,
-            _ => Some(store.data_path(file.hash)?),
+            _ => {
+                store.share_for_export(file.hash)?;
+                Some(store.data_path(file.hash)?)
+            }
         };
         if dir.place(&name, src.as_deref()).map_err(err)? == Placed::Replaced {
             tracing::warn!(path = %dir.join(&name).display(), "replaced a different file");

@@ -83,7 +83,10 @@ pub fn export(
         if blobs.stat(etag).map_err(io(blobs.join(etag)))?.is_none() {
             let src = match file.size {
                 0 => None,
-                _ => Some(store.data_path(file.hash)?),
+                _ => {
+                    store.share_for_export(file.hash)?;
+                    Some(store.data_path(file.hash)?)
+                }
             };
             blobs
                 .place(etag, src.as_deref())

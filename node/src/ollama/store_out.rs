@@ -52,6 +52,7 @@ pub fn write(store: &Store, manifest: &Manifest, root_path: &Path) -> Result<(),
         let hex = name.strip_prefix("sha256-").unwrap_or_default();
         let blobs = root.dir("blobs", true)?;
         give(&root.dir("", false)?, "blobs").map_err(io(blobs.path()))?;
+        store.share_for_export(file.hash)?;
         let src = store.data_path(file.hash)?;
         check_sha256(store, &src, hex, file.hash)?;
         if blobs.file_size(name).map_err(io(&blobs.join(name)))? == Some(file.size) {

@@ -125,7 +125,7 @@ pub(super) fn add_file(
         std::process::id(),
         rand::random::<u64>()
     ));
-    let outboard = fs::File::create(&tmp).map_err(StoreError::io(&tmp))?;
+    let outboard = super::create_private(&tmp).map_err(StoreError::io(&tmp))?;
     let hash = outboard_post_order(&file, size, &outboard).map_err(StoreError::io(path));
     let hash = match hash {
         Ok(hash) => hash,

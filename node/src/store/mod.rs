@@ -25,6 +25,7 @@ pub mod ranges;
 use std::{
     collections::HashMap,
     fs, io,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, Weak},
     time::SystemTime,
@@ -219,6 +220,10 @@ impl Store {
     pub fn open(home: &Path) -> Result<Self, StoreError> {
         for dir in [home.to_path_buf(), home.join("blobs"), home.join("partial")] {
             fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
+            // Only the owner reads the store: it holds what the owner fetched with their HF
+            // token (gated repos too).
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(StoreError::io(&dir))?;
         }
         let db_path = home.join("meta.redb");
         let db = match redb::Database::create(&db_path) {
@@ -233,6 +238,7 @@ impl Store {
             }
             Err(e) => return Err(redb::Error::from(e).into()),
         };
+        let _ = fs::set_permissions(&db_path, fs::Permissions::from_mode(0o600));
         db::init(&db)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -477,7 +483,7 @@ impl Store {
         let file = fs::File::open(path).map_err(StoreError::io(path))?;
         let size = file.metadata().map_err(StoreError::io(path))?.len();
         let tmp = path.with_extension("obao.tmp");
-        let outboard = fs::File::create(&tmp).map_err(StoreError::io(&tmp))?;
+        let outboard = create_private(&tmp).map_err(StoreError::io(&tmp))?;
         let hash =
             import::outboard_post_order(&file, size, &outboard).map_err(StoreError::io(path))?;
         outboard.sync_all().map_err(StoreError::io(&tmp))?;
@@ -489,6 +495,8 @@ impl Store {
         let data_path = self.blob_path(hash, "data");
         let ob_path = self.outboard_path(hash);
         fs::rename(&tmp, &ob_path).map_err(StoreError::io(&ob_path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(StoreError::io(path))?;
         fs::rename(path, &data_path).map_err(StoreError::io(&data_path))?;
         let meta = fs::metadata(&data_path).map_err(StoreError::io(&data_path))?;
         let record = BlobRecord::Complete {
@@ -508,6 +516,28 @@ impl Store {
 
     fn blob_appeared(&self) {
         self.inner.blobs_appeared.send_replace(());
+    }
+
+    /// Makes a complete blob in `blobs/` readable by others (0644), as it is about to be
+    /// linked into a folder the user chose, whose permissions then decide who reads it (the
+    /// store's own folders stay 0700). A blob from a gated or private repo stays 0600: only
+    /// the owner reads it, wherever it is linked. Files added in place are the user's own and
+    /// are left as they are.
+    pub fn share_for_export(&self, hash: Hash) -> Result<(), StoreError> {
+        let Some(BlobRecord::Complete {
+            location: Location::Store,
+            ..
+        }) = db::blob(&self.inner.db, hash)?
+        else {
+            return Ok(());
+        };
+        let mode = if db::is_restricted(&self.inner.db, hash)? {
+            0o600
+        } else {
+            0o644
+        };
+        let path = self.blob_path(hash, "data");
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(StoreError::io(&path))
     }
 
     /// Drops a complete blob whose bytes no longer match (changed on disk or failed
@@ -616,6 +646,17 @@ fn pairs_from_ranges(ranges: &ChunkRanges) -> Vec<(u64, u64)> {
         .filter(|pair| pair.len() == 2)
         .map(|pair| (pair[0].0, pair[1].0))
         .collect()
+}
+
+/// Creates (truncating) a file only its owner can read.
+pub(crate) fn create_private(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Writes a file only its owner can read, durably.

@@ -23,7 +23,7 @@
 
 use std::{
     fs, io,
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
@@ -105,6 +105,7 @@ impl PartialBlob {
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(path)
                 .map_err(StoreError::io(path))
         };

@@ -288,3 +288,42 @@ fn a_failed_fetch_ends_the_relay_with_not_found() {
     }
     assert!(started.elapsed() < partial::FOLLOW_TIMEOUT);
 }
+
+#[test]
+fn only_the_owner_reads_the_store_until_a_public_blob_is_exported() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let store = Store::open(&home).unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for d in ["", "blobs", "partial"] {
+        assert_eq!(mode(&home.join(d)), 0o700, "{d}");
+    }
+    assert_eq!(mode(&home.join("meta.redb")), 0o600);
+    let part = home.join("partial/hf-x.part");
+    fs::write(&part, vec![7u8; 40_000]).unwrap();
+    let (hash, _) = store.import_owned(&part).unwrap();
+    let data = store.data_path(hash).unwrap();
+    assert_eq!(mode(&data), 0o600);
+    store.share_for_export(hash).unwrap();
+    assert_eq!(
+        mode(&data),
+        0o644,
+        "a public blob linked into a target is readable there"
+    );
+    // A gated model's blob stays the owner's only.
+    let gated = home.join("partial/hf-y.part");
+    fs::write(&gated, vec![9u8; 40_000]).unwrap();
+    let (hash, size) = store.import_owned(&gated).unwrap();
+    let entry = mesh_proto::FileEntry {
+        path: "w.bin".parse().unwrap(),
+        size,
+        hash,
+        sha256: None,
+        etag: None,
+    };
+    let manifest = Manifest::new("g".into(), mesh_proto::Source::Local, vec![entry]).unwrap();
+    store.restrict(&manifest).unwrap();
+    store.share_for_export(hash).unwrap();
+    assert_eq!(mode(&store.data_path(hash).unwrap()), 0o600);
+}

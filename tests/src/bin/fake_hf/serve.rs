@@ -171,9 +171,10 @@ pub(crate) async fn serve_bytes(
     let corrupt = hub.corrupt.iter().any(|c| c == key);
     let mid = size / 2;
     // The first CDN body of each file may stop after some bytes and hang (a stalled CDN).
-    let stall_at = hub.stall_once_after.filter(|_| {
+    // (Only a body it would cut short counts: a shorter one would go out whole.)
+    let stall_at = hub.stall_once_after.filter(|&n| {
         let mut stalled = hub.stalled.lock().unwrap();
-        let first = !stalled.iter().any(|k| k == key);
+        let first = n < end - start && !stalled.iter().any(|k| k == key);
         if first {
             stalled.push(key.to_string());
         }
