@@ -18,9 +18,11 @@
 mod db;
 pub mod digest;
 mod import;
+pub mod lifecycle;
 mod partial;
 pub mod pieces;
 pub mod ranges;
+pub mod verify;
 
 use std::{
     collections::HashMap,
@@ -75,6 +77,21 @@ pub enum StoreError {
     /// A path given to `mesh add` has nothing to add.
     #[error("{0}: nothing to add (no regular files)")]
     Empty(PathBuf),
+    /// No model of that name or id in this store.
+    #[error("no model {0} in this store (`mesh ls` lists them)")]
+    NoModel(String),
+    /// `max_store` can't make room: what is left is pinned or needed by this fetch.
+    #[error("max_store is {max} bytes and the store uses {used}: {need} more bytes do not fit even after evicting {evicted} unpinned models")]
+    Quota {
+        /// Bytes the fetch needs.
+        need: u64,
+        /// Bytes the store uses after evicting.
+        used: u64,
+        /// The quota.
+        max: u64,
+        /// Models evicted before giving up.
+        evicted: usize,
+    },
 }
 
 impl From<redb::Error> for StoreError {
@@ -285,9 +302,15 @@ impl Store {
         import::add_file(self, path)
     }
 
-    /// Records a manifest and points its name at it.
+    /// Records a manifest and points its name at it. A model new to the store counts as used
+    /// now (so it is not the first evicted).
     pub fn insert_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        db::insert_manifest(&self.inner.db, manifest)
+        let new = db::manifest(&self.inner.db, &ModelRef::Id(manifest.id()))?.is_none();
+        db::insert_manifest(&self.inner.db, manifest)?;
+        if new {
+            self.touch(manifest.id())?;
+        }
+        Ok(())
     }
 
     /// The manifest for a model id or name, if known here.
@@ -460,7 +483,8 @@ impl Store {
     pub fn import_owned(&self, path: &Path) -> Result<(Hash, u64), StoreError> {
         let file = fs::File::open(path).map_err(StoreError::io(path))?;
         let size = file.metadata().map_err(StoreError::io(path))?.len();
-        let tmp = path.with_extension("obao.tmp");
+        // Named after this process, so `mesh gc` knows a leftover from a dead one.
+        let tmp = path.with_extension(format!("{}.obao.tmp", std::process::id()));
         let outboard = fs::File::create(&tmp).map_err(StoreError::io(&tmp))?;
         let hash =
             import::outboard_post_order(&file, size, &outboard).map_err(StoreError::io(path))?;
@@ -605,7 +629,7 @@ fn pairs_from_ranges(ranges: &ChunkRanges) -> Vec<(u64, u64)> {
 /// Writes a file only its owner can read, durably.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
