@@ -21,6 +21,10 @@ pub struct Metrics {
     pub source_corrupt: AtomicU64,
     /// Pieces from peers that failed verification.
     pub verify_failures: AtomicU64,
+    /// Bytes a fetch found already here (complete or resumed), counted when it ends.
+    pub bytes_local: AtomicU64,
+    /// Blobs `mesh verify` found corrupt in the store (and dropped).
+    pub store_verify_failures: AtomicU64,
 }
 
 impl Metrics {

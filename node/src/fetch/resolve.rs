@@ -50,7 +50,7 @@ impl Fetcher {
             name,
             repo,
             files,
-            hub: Hub::from_env(),
+            hub: Hub::from_env().with_limits(self.limits.clone()),
         })
     }
 

@@ -19,6 +19,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    limits::Limits,
     store::digest::Published,
     swarm::origin::{OriginFile, RangeOrigin, SplitError},
 };
@@ -182,6 +183,8 @@ pub struct Hub {
     token: Option<String>,
     offline: bool,
     http: reqwest::Client,
+    /// The node's rate limits and HF hours, awaited before every range and chunk.
+    limits: Limits,
 }
 
 impl Hub {
@@ -202,7 +205,14 @@ impl Hub {
                 .user_agent(concat!("mesh/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .expect("reqwest client builds"),
+            limits: Limits::default(),
         }
+    }
+
+    /// This client, held to the node's limits (`max_hf_download`, `max_download`, `hf_hours`).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The endpoint in use.
@@ -312,6 +322,7 @@ impl Hub {
         if self.offline {
             return Err(HubError::Offline);
         }
+        self.limits.hf_take(len).await;
         let url = self.resolve_url(repo, commit, &file.path);
         let resp = self
             .get(&url)
@@ -340,6 +351,7 @@ impl Hub {
                 bytes.len()
             )));
         }
+        self.limits.hf_got(len);
         Ok(bytes.to_vec())
     }
 
@@ -368,6 +380,7 @@ impl Hub {
         }
         progress.store(have, Ordering::Relaxed);
         if have < file.size {
+            self.limits.hf_window().await;
             let url = self.resolve_url(repo, commit, &file.path);
             let mut req = self.get(&url);
             if have > 0 {
@@ -405,6 +418,8 @@ impl Hub {
                 }
                 out.write_all(&chunk).map_err(io)?;
                 progress.store(written, Ordering::Relaxed);
+                self.limits.hf_got(chunk.len() as u64);
+                self.limits.hf_take(chunk.len() as u64).await;
             }
             out.sync_all().map_err(io)?;
             if written != file.size {

@@ -112,6 +112,16 @@ impl Store {
         du(self.home(), &mut seen)
     }
 
+    /// Disk bytes of the store's data: blobs, partial downloads and HF-endpoint files (what
+    /// `rm` and `gc` free; the database's own size moves with every commit).
+    fn data_usage(&self) -> u64 {
+        let mut seen = HashSet::new();
+        ["blobs", "partial", "hf-endpoint"]
+            .iter()
+            .map(|d| du(&self.home().join(d), &mut seen))
+            .sum()
+    }
+
     /// Free bytes on the store's disk.
     pub fn disk_free(&self) -> Result<u64, StoreError> {
         fs4::available_space(self.home()).map_err(StoreError::io(self.home()))
@@ -121,6 +131,27 @@ impl Store {
     pub fn require_manifest(&self, model: &ModelRef) -> Result<Manifest, StoreError> {
         self.manifest(model)?
             .ok_or_else(|| StoreError::NoModel(model.to_string()))
+    }
+
+    /// The model a user named: by name, by id, or by a unique prefix of its id (at least 6
+    /// hex digits, as `mesh ls` shows 16).
+    pub fn find_model(&self, named: &str) -> Result<Manifest, StoreError> {
+        if let Ok(model) = named.parse::<ModelRef>() {
+            if let Some(m) = self.manifest(&model)? {
+                return Ok(m);
+            }
+        }
+        let prefix = named.to_ascii_lowercase();
+        if prefix.len() >= 6 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let mut found = self
+                .manifests()?
+                .into_iter()
+                .filter(|m| m.id().to_string().starts_with(&prefix));
+            if let (Some(m), None) = (found.next(), found.next()) {
+                return Ok(m);
+            }
+        }
+        Err(StoreError::NoModel(named.to_string()))
     }
 
     /// Every model with its pin, last use and completeness, least recently used first.
@@ -146,8 +177,8 @@ impl Store {
     }
 
     /// Pins (or unpins) a model: a pinned model is never evicted.
-    pub fn set_pinned(&self, model: &ModelRef, pin: bool) -> Result<Manifest, StoreError> {
-        let manifest = self.require_manifest(model)?;
+    pub fn set_pinned(&self, model: &str, pin: bool) -> Result<Manifest, StoreError> {
+        let manifest = self.find_model(model)?;
         db::set_pinned(&self.inner.db, manifest.id(), pin)?;
         Ok(manifest)
     }
@@ -159,8 +190,8 @@ impl Store {
 
     /// Forgets a model. Its blobs go unless another model uses them or they are being
     /// fetched; files added in place stay where they are.
-    pub fn remove_model(&self, model: &ModelRef) -> Result<Removed, StoreError> {
-        let manifest = self.require_manifest(model)?;
+    pub fn remove_model(&self, model: &str) -> Result<Removed, StoreError> {
+        let manifest = self.find_model(model)?;
         self.remove_manifest(&manifest, &HashSet::new())
     }
 
@@ -170,7 +201,7 @@ impl Store {
         manifest: &Manifest,
         keep: &HashSet<Hash>,
     ) -> Result<Removed, StoreError> {
-        let before = self.usage();
+        let before = self.data_usage();
         db::remove_manifest(&self.inner.db, manifest)?;
         let used = self.referenced()?;
         let mut removed = Removed {
@@ -205,7 +236,7 @@ impl Store {
             .filter(|m| m.nlink() > 0)
             .map(|m| m.len())
             .sum();
-        removed.bytes = before.saturating_sub(self.usage());
+        removed.bytes = before.saturating_sub(self.data_usage());
         tracing::info!(model = %removed.name, bytes = removed.bytes, blobs = removed.blobs, "model removed");
         Ok(removed)
     }
@@ -264,7 +295,7 @@ impl Store {
     /// With `fetching` (a fetch runs in this process), unreferenced blobs stay: they may be
     /// that fetch's, not yet recorded in its manifest.
     pub fn gc(&self, fetching: bool) -> Result<GcReport, StoreError> {
-        let before = self.usage();
+        let before = self.data_usage();
         let mut report = GcReport {
             kept_for_running_fetch: fetching,
             ..GcReport::default()
@@ -306,7 +337,7 @@ impl Store {
         let mut swept = Vec::new();
         sweep_hf_endpoint(self.home(), &mut swept);
         report.items.extend(swept);
-        report.bytes = before.saturating_sub(self.usage());
+        report.bytes = before.saturating_sub(self.data_usage());
         tracing::info!(
             items = report.items.len(),
             records = report.records,

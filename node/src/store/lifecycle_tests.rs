@@ -64,7 +64,7 @@ fn rm_keeps_shared_blobs_and_files_added_in_place() {
         vec![own.clone(), entry("a.bin", shared.hash, shared.size)],
     );
 
-    let removed = store.remove_model(&by_name("fetched")).unwrap();
+    let removed = store.remove_model("fetched").unwrap();
     assert_eq!((removed.blobs, removed.shared, removed.in_place), (1, 1, 0));
     assert!(
         removed.bytes >= 300_000,
@@ -81,12 +81,12 @@ fn rm_keeps_shared_blobs_and_files_added_in_place() {
         BlobStatus::Complete
     );
 
-    let removed = store.remove_model(&by_name("added")).unwrap();
+    let removed = store.remove_model("added").unwrap();
     assert_eq!((removed.blobs, removed.in_place), (0, 1));
     assert_eq!(fs::read(src.join("a.bin")).unwrap(), bytes(100_000, 3));
     assert!(store.manifest(&by_name("added")).unwrap().is_none());
     assert!(matches!(
-        store.remove_model(&by_name("added")),
+        store.remove_model("added"),
         Err(StoreError::NoModel(_))
     ));
 }
@@ -150,7 +150,7 @@ fn eviction_takes_the_least_recently_used_unpinned_model() {
         let m = model(&store, name, vec![f]);
         db::touch(&store.inner.db, m.id(), 1000 + i as u64).unwrap();
     }
-    store.set_pinned(&by_name("pinned-oldest"), true).unwrap();
+    store.set_pinned("pinned-oldest", true).unwrap();
     let max = store.usage();
     let evicted = store.evict_for(100_000, max, &HashSet::new()).unwrap();
     let names: Vec<&str> = evicted.iter().map(|r| r.name.as_str()).collect();
@@ -200,7 +200,7 @@ fn verify_drops_a_blob_with_a_flipped_byte() {
     );
     assert!(!path.exists());
     assert!(store.open_reader(bad.hash).is_err(), "no longer served");
-    let again = store.verify(&[by_name("m")]).unwrap();
+    let again = store.verify(&["m".to_string()]).unwrap();
     assert_eq!(again.corrupt, 0);
     assert_eq!(state(&again, "bad.bin"), FileState::Missing);
 }

@@ -101,12 +101,65 @@ impl From<redb::Error> for StoreError {
 }
 
 impl StoreError {
+    /// The process exit code this error calls for (README.md documents them): 3 for an
+    /// unknown model, 6 for a full disk or quota, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NoModel(_) => 3,
+            Self::Quota { .. } => 6,
+            e if disk_full(e) => 6,
+            _ => 1,
+        }
+    }
+
+    /// A one-line hint, where there is one.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Quota { .. } => Some(QUOTA_HINT),
+            e if disk_full(e) => Some(DISK_FULL_HINT),
+            _ => None,
+        }
+    }
+
     fn io(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
         move |source| Self::Io {
             path: path.to_path_buf(),
             source,
         }
     }
+}
+
+/// What to tell a user whose disk filled up.
+pub const DISK_FULL_HINT: &str = "the disk is full: free space (`mesh gc`, `mesh rm MODEL`) or set MESH_HOME to a bigger disk, then re-run: verified data is kept and the fetch resumes";
+/// What to tell a user whose `max_store` is too small.
+pub const QUOTA_HINT: &str =
+    "raise max_store in config.toml (or MESH_MAX_STORE), or `mesh unpin` / `mesh rm` models";
+
+/// Whether `err`, or any error under it, is a full disk (ENOSPC) or an exceeded disk quota
+/// (EDQUOT).
+pub fn disk_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        // redb's errors name no source: look inside the store's wrapper of them.
+        let io = e
+            .downcast_ref::<io::Error>()
+            .or_else(|| match e.downcast_ref::<StoreError>() {
+                Some(StoreError::Db(db)) => match &**db {
+                    redb::Error::Io(io) => Some(io),
+                    _ => None,
+                },
+                _ => None,
+            });
+        if let Some(io) = io {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                || io.kind() == io::ErrorKind::StorageFull
+            {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Where a complete blob's bytes live.

@@ -10,7 +10,7 @@ use bao_tree::{
     io::{outboard::PostOrderOutboard, sync::encode_ranges_validated, EncodeError},
     BaoTree, ChunkRanges,
 };
-use mesh_proto::{Hash, ModelRef};
+use mesh_proto::Hash;
 use positioned_io::RandomAccessFile;
 use serde::{Deserialize, Serialize};
 
@@ -69,13 +69,13 @@ pub struct VerifyReport {
 
 impl Store {
     /// Re-hashes the blobs of `models` (all models when empty) and drops the ones that fail.
-    pub fn verify(&self, models: &[ModelRef]) -> Result<VerifyReport, StoreError> {
+    pub fn verify(&self, models: &[String]) -> Result<VerifyReport, StoreError> {
         let manifests = if models.is_empty() {
             self.manifests()?
         } else {
             models
                 .iter()
-                .map(|m| self.require_manifest(m))
+                .map(|m| self.find_model(m))
                 .collect::<Result<_, _>>()?
         };
         let mut report = VerifyReport::default();
