@@ -25,6 +25,8 @@ pub struct Metrics {
     pub bytes_local: AtomicU64,
     /// Blobs `mesh verify` found corrupt in the store (and dropped).
     pub store_verify_failures: AtomicU64,
+    /// File bytes sent to HF clients through the HF-compatible endpoint.
+    pub bytes_served_hf_endpoint: AtomicU64,
 }
 
 impl Metrics {

@@ -366,10 +366,19 @@ impl FakeHub {
 
     /// Body bytes the fake Hub has served so far (API and CDN).
     pub fn served_bytes(&self) -> u64 {
+        self.stat("served_bytes")
+    }
+
+    /// File bytes the fake Hub has handed to its connections so far (as bodies stream).
+    pub fn sent_bytes(&self) -> u64 {
+        self.stat("sent_bytes")
+    }
+
+    fn stat(&self, name: &str) -> u64 {
         let addr: SocketAddr = self.endpoint.trim_start_matches("http://").parse().unwrap();
         let body = http_get(addr, "/_stats").expect("fake-hf stats");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["served_bytes"].as_u64().unwrap()
+        v[name].as_u64().unwrap()
     }
 }
 

@@ -118,6 +118,19 @@ struct Sampled {
     disk_free: u64,
 }
 
+impl Rates {
+    /// The store's disk bytes and the disk's free bytes, as last sampled.
+    pub(super) fn disk(&self) -> (u64, u64) {
+        let s = self.inner.lock().expect("rates lock");
+        (s.store_bytes, s.disk_free)
+    }
+
+    /// Bytes per second sent to peers, as last sampled.
+    pub(super) fn rate_out(&self) -> u64 {
+        self.inner.lock().expect("rates lock").rate_out
+    }
+}
+
 pub(super) fn router() -> Router<ApiState> {
     Router::new()
         .route("/", get(page))
@@ -191,7 +204,7 @@ async fn fleet(State(state): State<ApiState>) -> Response {
                 done: files.iter().map(|f| f.done).sum(),
                 total: files.iter().map(|f| f.size).sum(),
                 rate: files.iter().map(|f| f.rate).sum(),
-                sources: t.sources(&peers, hf_bytes),
+                sources: t.sources(&state.fetcher.peers, hf_bytes),
                 files,
             }
         })

@@ -389,6 +389,7 @@ async fn resolve(
     if let Err(e) = f.seek(std::io::SeekFrom::Start(start)).await {
         return hf_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string());
     }
+    crate::metrics::Metrics::add(&state.metrics.bytes_served_hf_endpoint, len);
     let stream = tokio_util::io::ReaderStream::with_capacity(f.take(len), 256 << 10);
     resp.body(Body::from_stream(stream))
         .expect("valid response")

@@ -7,6 +7,7 @@ pub mod client;
 pub mod fleet;
 mod hf_endpoint;
 pub mod lifecycle;
+mod prom;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -146,7 +147,7 @@ pub(crate) async fn serve(
 }
 
 async fn metrics(State(state): State<ApiState>) -> String {
-    state.metrics.prometheus()
+    state.metrics.prometheus() + &prom::series(&state)
 }
 
 async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {

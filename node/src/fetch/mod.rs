@@ -252,9 +252,9 @@ impl Fetcher {
         req: FetchRequest,
         on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
     ) -> Result<FetchReport, FetchError> {
-        let running =
-            self.transfers
-                .start(req.model.to_string(), &self.peers.table(), &self.limits);
+        let running = self
+            .transfers
+            .start(req.model.to_string(), &self.peers, &self.limits);
         let transfer = running.transfer.clone();
         let on_start = move |m: &Manifest, p: Arc<FetchProgress>| {
             transfer.set_progress(m.name(), p.clone());
@@ -278,7 +278,7 @@ impl Fetcher {
         }
         let sources = running
             .transfer
-            .sources(&self.peers.table(), self.limits.hf_bytes());
+            .sources(&self.peers, self.limits.hf_bytes());
         for (source, bytes) in sources {
             tracing::info!(peer = %source, model = %report.name, bytes, "received");
         }

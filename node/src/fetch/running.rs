@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::FetchProgress;
-use crate::{discovery::PeerInfo, limits::Limits};
+use crate::{discovery::Peers, limits::Limits};
 
 /// The running fetches. Cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -58,13 +58,13 @@ impl Drop for Running {
 
 impl Transfers {
     /// Lists a fetch of `model` until the returned guard drops.
-    pub fn start(&self, model: String, peers: &[PeerInfo], limits: &Limits) -> Running {
+    pub fn start(&self, model: String, peers: &Peers, limits: &Limits) -> Running {
         let transfer = Arc::new(Transfer {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             model,
             started: Instant::now(),
             progress: OnceLock::new(),
-            peers_at_start: peers.iter().map(|p| (p.addr, p.received)).collect(),
+            peers_at_start: received_by_peer(peers),
             hf_at_start: limits.hf_bytes(),
         });
         self.map
@@ -106,12 +106,12 @@ impl Transfer {
 
     /// Bytes received since it started, by source: each peer's address, and `huggingface`.
     /// (Two fetches running at once share these counters.)
-    pub fn sources(&self, peers: &[PeerInfo], hf_bytes: u64) -> Vec<(String, u64)> {
-        let mut out: Vec<(String, u64)> = peers
-            .iter()
-            .map(|p| {
-                let before = self.peers_at_start.get(&p.addr).copied().unwrap_or(0);
-                (p.addr.to_string(), p.received.saturating_sub(before))
+    pub fn sources(&self, peers: &Peers, hf_bytes: u64) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = received_by_peer(peers)
+            .into_iter()
+            .map(|(addr, received)| {
+                let before = self.peers_at_start.get(&addr).copied().unwrap_or(0);
+                (addr.to_string(), received.saturating_sub(before))
             })
             .filter(|(_, n)| *n > 0)
             .collect();
@@ -122,4 +122,14 @@ impl Transfer {
         out.sort_by_key(|s| std::cmp::Reverse(s.1));
         out
     }
+}
+
+/// Verified bytes received so far from every peer known or connected, read live.
+fn received_by_peer(peers: &Peers) -> HashMap<SocketAddr, u64> {
+    let mut addrs: Vec<SocketAddr> = peers.table().iter().map(|p| p.addr).collect();
+    addrs.extend(peers.connections().borrow().keys().copied());
+    addrs
+        .into_iter()
+        .map(|a| (a, peers.counters(a).received.load(Ordering::Relaxed)))
+        .collect()
 }

@@ -242,35 +242,55 @@ impl Store {
     }
 
     /// Evicts least recently used unpinned models until `need` more bytes fit under `max`
-    /// (disk bytes of the store folder). Blobs in `keep` (the fetch's own) stay.
+    /// (disk bytes of the store folder). Blobs in `keep` (the fetch's own) stay. If evicting
+    /// every candidate would still not make room, nothing is evicted.
     pub fn evict_for(
         &self,
         need: u64,
         max: u64,
         keep: &HashSet<Hash>,
     ) -> Result<Vec<Removed>, StoreError> {
-        let mut evicted = Vec::new();
         let mut used = self.usage();
         if used + need <= max {
-            return Ok(evicted);
+            return Ok(Vec::new());
         }
-        for entry in self.model_entries()? {
+        let entries = self.model_entries()?;
+        let evictable = |e: &ModelEntry| {
+            !e.pinned && !e.manifest.files().iter().all(|f| keep.contains(&f.hash))
+        };
+        // What evicting them all would free: blobs no model that stays uses.
+        let staying: HashSet<Hash> = entries
+            .iter()
+            .filter(|e| !evictable(e))
+            .flat_map(|e| e.manifest.files().iter().map(|f| f.hash))
+            .chain(keep.iter().copied())
+            .collect();
+        let freeable: u64 = entries
+            .iter()
+            .filter(|e| evictable(e))
+            .flat_map(|e| e.manifest.files().iter().map(|f| f.hash))
+            .filter(|h| !staying.contains(h))
+            .collect::<HashSet<Hash>>()
+            .into_iter()
+            .map(|h| self.blob_disk_bytes(h))
+            .sum();
+        if used.saturating_sub(freeable) + need > max {
+            return Err(StoreError::Quota {
+                need,
+                used,
+                max,
+                evicted: 0,
+            });
+        }
+        let mut evicted = Vec::new();
+        for entry in entries.iter().filter(|e| evictable(e)) {
             if used + need <= max {
                 break;
-            }
-            let id = entry.manifest.id();
-            let wanted = entry
-                .manifest
-                .files()
-                .iter()
-                .all(|f| keep.contains(&f.hash));
-            if entry.pinned || wanted {
-                continue;
             }
             let removed = self.remove_manifest(&entry.manifest, keep)?;
             tracing::warn!(
                 model = %removed.name,
-                id = %id.fmt_short(),
+                id = %entry.manifest.id().fmt_short(),
                 bytes = removed.bytes,
                 need,
                 max_store = max,

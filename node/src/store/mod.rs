@@ -81,7 +81,7 @@ pub enum StoreError {
     #[error("no model {0} in this store (`mesh ls` lists them)")]
     NoModel(String),
     /// `max_store` can't make room: what is left is pinned or needed by this fetch.
-    #[error("max_store is {max} bytes and the store uses {used}: {need} more bytes do not fit even after evicting {evicted} unpinned models")]
+    #[error("max_store is {max} bytes and the store uses {used}: {need} more bytes do not fit, even with every unpinned model evicted ({evicted} were)")]
     Quota {
         /// Bytes the fetch needs.
         need: u64,

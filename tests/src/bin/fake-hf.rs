@@ -10,7 +10,9 @@
 //! - `Range` answered with 206 and `Content-Range`, 416 when unsatisfiable;
 //! - gated repos (`--gated org/name`) answer 401 with `X-Error-Code: GatedRepo` unless the
 //!   request has `Authorization: Bearer {--token}`; CDN URLs are signed and expire like the Hub's;
-//! - `GET /_stats`: body bytes served (API + CDN), for the tests' "at most once" checks.
+//! - `GET /_stats`: body bytes served (API + CDN), for the tests' "at most once" checks, and
+//!   `sent_bytes`: file bytes handed to the connection so far (bodies stream in 64 KiB pieces),
+//!   to measure a client's download rate over time.
 //!
 //! `--corrupt PATH` serves that file with one byte flipped (to test the sha256 check).
 
@@ -84,6 +86,8 @@ struct Hub {
     cdn: String,
     /// Body bytes served.
     served: AtomicU64,
+    /// File bytes handed to connections so far, as the body streams.
+    sent: Arc<AtomicU64>,
     /// Secret for CDN URL signatures.
     secret: [u8; 16],
 }
@@ -107,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
         corrupt: opt.corrupt.clone(),
         cdn: format!("http://{}", cdn.local_addr()?),
         served: AtomicU64::new(0),
+        sent: Arc::default(),
         secret: rand::random(),
     });
     if let Some(path) = &opt.addr_file {
@@ -531,9 +536,21 @@ async fn serve_bytes(
         return resp.body(Body::empty()).unwrap();
     }
     hub.served.fetch_add(body.len() as u64, Ordering::Relaxed);
-    resp.body(Body::from(body)).unwrap()
+    let sent = hub.sent.clone();
+    let pieces: Vec<bytes::Bytes> = body
+        .chunks(64 << 10)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let stream = tokio_stream::StreamExt::map(tokio_stream::iter(pieces), move |piece| {
+        sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        Ok::<_, std::convert::Infallible>(piece)
+    });
+    resp.body(Body::from_stream(stream)).unwrap()
 }
 
 async fn stats(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "served_bytes": hub.served.load(Ordering::Relaxed) }))
+    Json(serde_json::json!({
+        "served_bytes": hub.served.load(Ordering::Relaxed),
+        "sent_bytes": hub.sent.load(Ordering::Relaxed),
+    }))
 }
