@@ -286,7 +286,8 @@ impl Limits {
                 .replace(message.clone())
                 .is_none();
             if first {
-                tracing::warn!(hf_hours = %hours, opens = %hours.opens(), "{message}");
+                // Fetches show it as a notice; the node's log gets it once per wait.
+                tracing::info!(hf_hours = %hours, opens = %hours.opens(), "{message}");
             }
             let to_open = Duration::from_secs(u64::from(wait) * 60 - u64::from(second));
             tokio::time::sleep(to_open.clamp(Duration::from_secs(1), WINDOW_RECHECK)).await;

@@ -264,7 +264,7 @@ impl Fetcher {
         let report = match self.fetch_any(req, on_start).await {
             Ok(report) => report,
             Err(e) => {
-                tracing::warn!(model, code = e.exit_code(), "fetch failed: {e}");
+                tracing::info!(model, code = e.exit_code(), "fetch failed: {e}");
                 return Err(e);
             }
         };

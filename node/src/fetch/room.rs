@@ -18,6 +18,12 @@ impl Fetcher {
         total: u64,
         keep: HashSet<Hash>,
     ) -> Result<(), FetchError> {
+        let store = self.store.clone();
+        blocking(move || {
+            store.ensure_reserve();
+            Ok(())
+        })
+        .await?;
         if let Some(max) = self.max_store {
             // Outboards take about 1/256 of the data.
             let need = missing + missing / 256;

@@ -41,6 +41,10 @@ pub use self::import::AddProgress;
 pub use self::partial::{PartialBlob, Verified};
 use self::pieces::PieceFiles;
 
+/// Bytes `MESH_HOME/reserve` holds back, so that the database can still record what was
+/// verified when the disk fills up (see [`Store::release_reserve`]).
+const RESERVE_BYTES: u64 = 4 << 20;
+
 /// The chunk group size of every outboard: 16 KiB.
 pub const BLOCK_SIZE: bao_tree::BlockSize = bao_tree::BlockSize::from_chunk_log(4);
 
@@ -304,7 +308,7 @@ impl Store {
             Err(e) => return Err(redb::Error::from(e).into()),
         };
         db::init(&db)?;
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(Inner {
                 home: home.to_path_buf(),
                 db,
@@ -312,7 +316,43 @@ impl Store {
                 partials: Mutex::default(),
                 blobs_appeared: tokio::sync::watch::channel(()).0,
             }),
-        })
+        };
+        store.ensure_reserve();
+        Ok(store)
+    }
+
+    /// Holds back [`RESERVE_BYTES`] of disk in `MESH_HOME/reserve`, if it isn't already (and
+    /// the disk has room).
+    pub fn ensure_reserve(&self) {
+        let path = self.inner.home.join("reserve");
+        if fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE_BYTES) {
+            return;
+        }
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let made = fs::File::create(&tmp).and_then(|f| {
+            use fs4::FileExt;
+            f.allocate(RESERVE_BYTES)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        });
+        if let Err(e) = made {
+            let _ = fs::remove_file(&tmp);
+            tracing::debug!("no disk reserve for the store: {e}");
+        }
+    }
+
+    /// Gives the reserve back to the disk: called when a write finds the disk full, so the
+    /// checkpoint that follows can still record the verified bytes. Returns whether there was
+    /// one.
+    pub(crate) fn release_reserve(&self) -> bool {
+        let released = fs::remove_file(self.inner.home.join("reserve")).is_ok();
+        if released {
+            tracing::info!(
+                bytes = RESERVE_BYTES,
+                "disk full: released the store's reserve to record what was verified"
+            );
+        }
+        released
     }
 
     /// The store folder.
