@@ -106,10 +106,12 @@ pub(crate) fn now_millis() -> u64 {
 
 impl Store {
     /// Disk bytes under `MESH_HOME` (blocks allocated, each file counted once however many
-    /// links it has there), as `du` counts them.
+    /// links it has there), as `du` counts them, less the disk reserve.
     pub fn usage(&self) -> u64 {
         let mut seen = HashSet::new();
-        du(self.home(), &mut seen)
+        // The reserve is free space held back for the database, not data.
+        let reserve = fs::metadata(self.home().join("reserve")).map_or(0, |m| m.blocks() * 512);
+        du(self.home(), &mut seen).saturating_sub(reserve)
     }
 
     /// Disk bytes of the store's data: blobs, partial downloads and HF-endpoint files (what
