@@ -3,8 +3,8 @@
 //! the hours HuggingFace may be used at all (`hf_hours = "18:00-07:00"`, local time).
 //!
 //! The swarm driver awaits [`Limits::download`] before each block request; the Hub client
-//! awaits [`Limits::hf_take`] before each range request and for each chunk of a streamed
-//! download, and counts what arrived with [`Limits::hf_got`]. Outside `hf_hours` an HF
+//! awaits [`Limits::hf_take`] before each request and [`Limits::hf_rate`] for each chunk of a
+//! streamed download, and counts what arrived with [`Limits::hf_got`]. Outside `hf_hours` an HF
 //! download waits for the window to open (peers keep serving meanwhile) and says so in the
 //! log and through [`Limits::notice`]. The upload limit (`max_upload`) is the provider's; it is
 //! only reported here.
@@ -238,9 +238,15 @@ impl Limits {
     }
 
     /// Waits until HuggingFace may be used (`hf_hours`) and `n` more bytes from it fit both
-    /// `max_hf_download` and `max_download`.
+    /// `max_hf_download` and `max_download`: before a request.
     pub async fn hf_take(&self, n: u64) {
         self.hf_window().await;
+        self.hf_rate(n).await;
+    }
+
+    /// Waits until `n` more bytes from HuggingFace fit both rates: for each chunk of a
+    /// download already under way (one that started inside `hf_hours` finishes).
+    pub async fn hf_rate(&self, n: u64) {
         if let Some(t) = &self.inner.hf_download {
             t.take(n).await;
         }

@@ -164,13 +164,7 @@ impl LocalNode {
             Self::Running(client) => Ok(client.rm(&models).await?),
             Self::Embedded(e) => {
                 let store = e.store.clone();
-                Ok(blocking(move || {
-                    for m in &models {
-                        store.find_model(m)?;
-                    }
-                    models.iter().map(|m| store.remove_model(m)).collect()
-                })
-                .await?)
+                Ok(blocking(move || store.remove_models(&models)).await?)
             }
         }
     }
@@ -203,16 +197,8 @@ impl LocalNode {
             Self::Running(client) => Ok(client.pin(&model, pin).await?),
             Self::Embedded(e) => {
                 let store = e.store.clone();
-                let entries = blocking(move || {
-                    let id = store.set_pinned(&model, pin)?.id();
-                    let entries = store.model_entries()?;
-                    Ok(entries
-                        .into_iter()
-                        .filter(|e| e.manifest.id() == id)
-                        .collect::<Vec<_>>())
-                })
-                .await?;
-                Ok(model_info(entries.first().ok_or(LocalError::NoResult)?))
+                let entry = blocking(move || store.set_pinned(&model, pin)).await?;
+                Ok(model_info(&entry))
             }
         }
     }

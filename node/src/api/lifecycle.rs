@@ -95,16 +95,8 @@ async fn rm(
         return unauthorized();
     }
     let store = state.store.clone();
-    let result = blocking(move || {
-        // Check every name first, so a typo removes nothing.
-        for m in &body.models {
-            store.find_model(m)?;
-        }
-        body.models.iter().map(|m| store.remove_model(m)).collect()
-    })
-    .await;
-    match result {
-        Ok(removed) => Json::<Vec<_>>(removed).into_response(),
+    match blocking(move || store.remove_models(&body.models)).await {
+        Ok(removed) => Json(removed).into_response(),
         Err(e) => store_error(&e),
     }
 }
@@ -148,16 +140,8 @@ async fn pin(
         return unauthorized();
     }
     let store = state.store.clone();
-    let result = blocking(move || {
-        let m = store.set_pinned(&body.model, body.pin)?;
-        let id = m.id();
-        let entries = store.model_entries()?;
-        Ok(entries.into_iter().find(|e| e.manifest.id() == id))
-    })
-    .await;
-    match result {
-        Ok(Some(entry)) => Json(model_info(&entry)).into_response(),
-        Ok(None) => store_error(&StoreError::NoModel(String::new())),
+    match blocking(move || store.set_pinned(&body.model, body.pin)).await {
+        Ok(entry) => Json(model_info(&entry)).into_response(),
         Err(e) => store_error(&e),
     }
 }

@@ -419,7 +419,7 @@ impl Hub {
                 out.write_all(&chunk).map_err(io)?;
                 progress.store(written, Ordering::Relaxed);
                 self.limits.hf_got(chunk.len() as u64);
-                self.limits.hf_take(chunk.len() as u64).await;
+                self.limits.hf_rate(chunk.len() as u64).await;
             }
             out.sync_all().map_err(io)?;
             if written != file.size {

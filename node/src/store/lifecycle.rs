@@ -179,15 +179,26 @@ impl Store {
     }
 
     /// Pins (or unpins) a model: a pinned model is never evicted.
-    pub fn set_pinned(&self, model: &str, pin: bool) -> Result<Manifest, StoreError> {
-        let manifest = self.find_model(model)?;
-        db::set_pinned(&self.inner.db, manifest.id(), pin)?;
-        Ok(manifest)
+    pub fn set_pinned(&self, model: &str, pin: bool) -> Result<ModelEntry, StoreError> {
+        let id = self.find_model(model)?.id();
+        db::set_pinned(&self.inner.db, id, pin)?;
+        self.model_entries()?
+            .into_iter()
+            .find(|e| e.manifest.id() == id)
+            .ok_or_else(|| StoreError::NoModel(model.to_string()))
     }
 
     /// Records that a model was used now (added, fetched, served to an HF client).
     pub fn touch(&self, id: Hash) -> Result<(), StoreError> {
         db::touch(&self.inner.db, id, now_millis())
+    }
+
+    /// Forgets models, as [`Store::remove_model`]; if any name is unknown, none is removed.
+    pub fn remove_models(&self, models: &[String]) -> Result<Vec<Removed>, StoreError> {
+        for m in models {
+            self.find_model(m)?;
+        }
+        models.iter().map(|m| self.remove_model(m)).collect()
     }
 
     /// Forgets a model. Its blobs go unless another model uses them or they are being

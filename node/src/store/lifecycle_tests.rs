@@ -64,7 +64,14 @@ fn rm_keeps_shared_blobs_and_files_added_in_place() {
         vec![own.clone(), entry("a.bin", shared.hash, shared.size)],
     );
 
-    let removed = store.remove_model("fetched").unwrap();
+    let fetched = store.manifest(&by_name("fetched")).unwrap().unwrap();
+    let prefix = &fetched.id().to_string()[..8];
+    assert_eq!(store.find_model(prefix).unwrap().id(), fetched.id());
+    assert!(matches!(
+        store.find_model("abc"),
+        Err(StoreError::NoModel(_))
+    ));
+    let removed = store.remove_model(prefix).unwrap();
     assert_eq!((removed.blobs, removed.shared, removed.in_place), (1, 1, 0));
     assert!(
         removed.bytes >= 300_000,
