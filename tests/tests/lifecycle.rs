@@ -280,10 +280,32 @@ fn verify_through_the_node_drops_a_rotten_blob_and_a_fetch_repairs_it_from_a_pee
         stdout(&verify)
     );
     let metrics = http_get(node.api, "/metrics").unwrap();
-    assert!(
-        metrics.contains("mesh_verification_failures_total{where=\"store\"} 1"),
-        "{metrics}"
+    let value = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+    assert_eq!(
+        value("mesh_verification_failures_total{where=\"store\"}"),
+        1
     );
+    let size = (5 << 20) + 3 + 900;
+    assert_eq!(
+        value("mesh_bytes_received_by_source_total{source=\"peer\"}"),
+        size
+    );
+    assert_eq!(
+        value(&format!(
+            "mesh_peer_received_bytes_total{{peer=\"{peer}\"}}"
+        )),
+        size
+    );
+    assert_eq!(
+        value("mesh_bytes_received_by_source_total{source=\"hf\"}"),
+        0
+    );
+    assert_eq!(value("mesh_transfers_in_progress"), 0);
     let listed = json(&mesh(&home, None, &["ls", "--json"]));
     assert_eq!(
         listed[0]["complete"], false,

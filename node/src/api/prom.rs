@@ -48,12 +48,24 @@ pub(super) fn series(state: &ApiState) -> String {
             ("where=\"store\"", get(&m.store_verify_failures)),
         ],
     );
-    let mut peers = state.fetcher.peers.table();
-    peers.sort_by_key(|p| std::cmp::Reverse(p.received + p.sent));
+    // Live counters (the peer table's totals are a second old).
+    let peer_set = &state.fetcher.peers;
+    let mut peers: Vec<(String, u64, u64)> = peer_set
+        .table()
+        .iter()
+        .map(|p| {
+            let c = peer_set.counters(p.addr);
+            (
+                format!("peer=\"{}\"", p.addr),
+                get(&c.received),
+                get(&c.sent),
+            )
+        })
+        .collect();
+    peers.sort_by_key(|p| std::cmp::Reverse(p.1 + p.2));
     peers.truncate(MAX_PEER_SERIES);
-    let label = |p: &crate::discovery::PeerInfo| format!("peer=\"{}\"", p.addr);
-    let received: Vec<_> = peers.iter().map(|p| (label(p), p.received)).collect();
-    let sent: Vec<_> = peers.iter().map(|p| (label(p), p.sent)).collect();
+    let received: Vec<_> = peers.iter().map(|p| (p.0.clone(), p.1)).collect();
+    let sent: Vec<_> = peers.iter().map(|p| (p.0.clone(), p.2)).collect();
     family(
         &mut out,
         "mesh_peer_received_bytes_total",
