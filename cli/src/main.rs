@@ -1,6 +1,8 @@
 //! `mesh`: the command line. It parses arguments, calls a [`LocalNode`] and prints; nothing
 //! else lives here.
 
+mod lifecycle;
+
 use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 mod bundle;
@@ -41,6 +43,8 @@ struct Cli {
     /// Don't look for peers with mDNS (only --peer addresses are used).
     #[arg(long, env = "MESH_NO_MDNS", global = true, value_parser = clap::builder::FalseyValueParser::new())]
     no_mdns: bool,
+    #[command(flatten)]
+    limits: lifecycle::LimitArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,8 +62,8 @@ enum Command {
         /// Do not serve the local API.
         #[arg(long, conflicts_with = "api")]
         no_api: bool,
-        /// Upload limit for the whole node, in bytes per second.
-        #[arg(long, env = "MESH_MAX_UPLOAD")]
+        /// Upload limit for the whole node, bytes per second (or 50MB).
+        #[arg(long, env = "MESH_MAX_UPLOAD", value_parser = lifecycle::bytes_arg)]
         max_upload: Option<u64>,
         /// A peer to keep connected besides those found by mDNS, IP:PORT; repeatable (adds to
         /// the config file's `peers`).
@@ -142,6 +146,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Store(lifecycle::StoreCommand),
 }
 
 /// How long `mesh peers` listens for peers when no node runs.
@@ -174,8 +180,12 @@ fn init_tracing(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    if !cli.log_json && lifecycle::init_journald(&filter.to_string()) {
+        return;
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if cli.log_json {
         builder.json().init();
@@ -208,12 +218,14 @@ async fn run(cli: Cli) -> Result<()> {
             .clone()
             .or(file.mesh_key.clone())
             .filter(|k| !k.is_empty()),
-        max_upload: file.max_upload,
+        max_upload: file.max_upload.map(|b| b.0),
         mdns: !cli.no_mdns,
         bootstrap: file.peers.clone(),
         aliases: file.aliases.clone(),
         hf_cache_scan: false,
         ollama_scan: false,
+        limits: cli.limits.resolve(&file)?,
+        max_store: cli.limits.max_store.or(file.max_store.map(|b| b.0)),
     };
     match cli.command {
         Command::Node {
@@ -286,6 +298,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&local.status().await?)?);
             Ok(())
         }
+        Command::Store(command) => lifecycle::run(command, node, cli.mesh_key.as_deref()).await,
     }
 }
 
@@ -341,6 +354,10 @@ async fn fetch(node: NodeConfig, req: FetchRequest, json: bool) -> Result<()> {
     let result = local
         .fetch(req, |line| match line {
             FetchLine::Start { total, .. } if show => bar = Some(progress_bar(total)),
+            FetchLine::Notice { message } => match &bar {
+                Some(bar) => bar.println(format!("mesh: {message}")),
+                None => eprintln!("mesh: {message}"),
+            },
             FetchLine::Progress {
                 done, files_done, ..
             } => {
@@ -440,14 +457,19 @@ async fn ls(node: NodeConfig, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&models)?);
         return Ok(());
     }
-    println!("{:<32} {:<16} {:>10}  STATUS", "NAME", "ID", "SIZE");
+    println!(
+        "{:<32} {:<16} {:>10}  {:<8}  {:<3}  SOURCE",
+        "NAME", "ID", "SIZE", "STATUS", "PIN"
+    );
     for m in models {
         println!(
-            "{:<32} {:<16} {:>10}  {}",
+            "{:<32} {:<16} {:>10}  {:<8}  {:<3}  {}",
             m.name,
             &m.id[..16],
             human_bytes(m.size),
-            if m.complete { "complete" } else { "partial" }
+            if m.complete { "complete" } else { "partial" },
+            if m.pinned { "yes" } else { "" },
+            m.source.as_deref().unwrap_or("")
         );
     }
     Ok(())

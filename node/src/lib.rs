@@ -5,7 +5,7 @@
 //!
 //! | layer | module | what it owns |
 //! |---|---|---|
-//! | 1 | [`node`], [`local`], [`config`] | wiring a node; the node a command talks to; the config file |
+//! | 1 | [`node`], [`local`], [`config`], [`service`] | wiring a node; the node a command talks to; the config file; the systemd unit |
 //! | 2 | [`api`] | the local HTTP API, its client, and the HuggingFace-compatible endpoint |
 //! | 3 | [`fetch`] | resolve a name, plan sources, drive the swarm, materialize into targets |
 //! | 4 | [`hf`], [`ollama`] | the Hub client, HF cache in and out; the Ollama store in and out, its registry |
@@ -14,7 +14,7 @@
 //! | 7 | [`discovery`] | where peer addresses come from (mDNS, `--peer`, bootstrap) and the peer set |
 //! | 8 | [`net`] | the QUIC endpoint, the membership handshake, frames |
 //! | 9 | [`store`] | blobs, outboards, partial downloads (mesh and HF pieces), redb metadata |
-//! | 10 | [`metrics`], [`rooted`] | counters every layer bumps; a folder nothing is written outside of |
+//! | 10 | [`metrics`], [`limits`], [`rooted`] | counters every layer bumps; rate limits and HF hours every layer awaits; a folder nothing is written outside of |
 //!
 //! Wire types and formats live in the `mesh-proto` crate, below all of these.
 //!
@@ -28,12 +28,14 @@ pub mod config;
 pub mod discovery;
 pub mod fetch;
 pub mod hf;
+pub mod limits;
 pub mod local;
 pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod ollama;
 pub mod rooted;
+pub mod service;
 pub mod store;
 pub mod swarm;
 pub mod transfer;

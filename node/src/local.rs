@@ -8,7 +8,10 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    api::{fetch_lines, AddRequest, ClientError, FetchBody, FetchLine, ModelInfo, NodeClient},
+    api::{
+        fetch_lines, lifecycle::model_info, AddRequest, ClientError, FetchBody, FetchLine,
+        ModelInfo, NodeClient,
+    },
     discovery::PeerInfo,
     fetch::{
         bundle::{Bundle, BundleError, BundleOpts, BundleReport, EntryReport},
@@ -16,7 +19,12 @@ use crate::{
     },
     net::BindError,
     node::{Node, NodeConfig, NodeError},
-    store::{blocking, AddProgress, Store, StoreError},
+    store::{
+        blocking,
+        lifecycle::{GcReport, Removed},
+        verify::VerifyReport,
+        AddProgress, Store, StoreError,
+    },
 };
 
 /// How often an embedded fetch reports progress.
@@ -66,8 +74,9 @@ impl LocalError {
     /// The process exit code.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Fetch { code, .. } => *code,
+            Self::Fetch { code, .. } | Self::Client(ClientError::Failed { code, .. }) => *code,
             Self::Usage { .. } => 2,
+            Self::Store(e) => e.exit_code(),
             _ => 1,
         }
     }
@@ -75,7 +84,10 @@ impl LocalError {
     /// A one-line hint, where there is one.
     pub fn hint(&self) -> Option<&str> {
         match self {
-            Self::Fetch { hint, .. } => hint.as_deref(),
+            Self::Fetch { hint, .. } | Self::Client(ClientError::Failed { hint, .. }) => {
+                hint.as_deref()
+            }
+            Self::Store(e) => e.hint(),
             _ => None,
         }
     }
@@ -136,13 +148,7 @@ impl LocalNode {
                 let store = e.store.clone();
                 let mut progress = progress;
                 let manifest = blocking(move || store.add_path(&path, name, &mut progress)).await?;
-                Ok(ModelInfo {
-                    id: manifest.id().to_string(),
-                    name: manifest.name().to_string(),
-                    size: manifest.total_size(),
-                    complete: true,
-                    files: Some(manifest.files().len()),
-                })
+                Ok(ModelInfo::added(&manifest))
             }
         }
     }
@@ -153,8 +159,56 @@ impl LocalNode {
             Self::Running(client) => Ok(client.models().await?),
             Self::Embedded(e) => {
                 let store = e.store.clone();
-                let models = blocking(move || store.models()).await?;
-                Ok(models.into_iter().map(ModelInfo::from).collect())
+                let entries = blocking(move || store.model_entries()).await?;
+                let mut models: Vec<ModelInfo> = entries.iter().map(model_info).collect();
+                models.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+                Ok(models)
+            }
+        }
+    }
+
+    /// Forgets models (by name, id or id prefix); their blobs go unless another model uses
+    /// them. Nothing is removed if any name is unknown.
+    pub async fn rm(&self, models: Vec<String>) -> Result<Vec<Removed>, LocalError> {
+        match self {
+            Self::Running(client) => Ok(client.rm(&models).await?),
+            Self::Embedded(e) => {
+                let store = e.store.clone();
+                Ok(blocking(move || store.remove_models(&models)).await?)
+            }
+        }
+    }
+
+    /// Collects unreferenced blobs, stale partials, leftovers and old HF records.
+    pub async fn gc(&self) -> Result<GcReport, LocalError> {
+        match self {
+            Self::Running(client) => Ok(client.gc().await?),
+            Self::Embedded(e) => {
+                let store = e.store.clone();
+                Ok(blocking(move || store.gc(false)).await?)
+            }
+        }
+    }
+
+    /// Re-hashes the blobs of `models` (all when empty); drops the ones that fail.
+    pub async fn verify(&self, models: Vec<String>) -> Result<VerifyReport, LocalError> {
+        match self {
+            Self::Running(client) => Ok(client.verify(&models).await?),
+            Self::Embedded(e) => {
+                let store = e.store.clone();
+                Ok(blocking(move || store.verify(&models)).await?)
+            }
+        }
+    }
+
+    /// Pins or unpins a model.
+    pub async fn pin(&self, model: String, pin: bool) -> Result<ModelInfo, LocalError> {
+        match self {
+            Self::Running(client) => Ok(client.pin(&model, pin).await?),
+            Self::Embedded(e) => {
+                let store = e.store.clone();
+                let entry = blocking(move || store.set_pinned(&model, pin)).await?;
+                Ok(model_info(&entry))
             }
         }
     }

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub bytes_served_hf_endpoint: AtomicU64,
     /// Requests to the HF-compatible endpoint, by answer ([`HF_STATUSES`], then "other").
     pub hf_requests: [AtomicU64; HF_STATUSES.len() + 1],
+    /// Bytes a fetch found already here (complete or resumed), counted when it ends.
+    pub bytes_local: AtomicU64,
+    /// Blobs `mesh verify` found corrupt in the store (and dropped).
+    pub store_verify_failures: AtomicU64,
 }
 
 /// The statuses the HF endpoint's requests are counted by (a bounded label set).

@@ -17,6 +17,7 @@ use crate::{
     fetch::{catalog::CatalogEntry, Fetcher},
     hf::cache_in,
     hf::cache_out,
+    limits::{LimitConfig, Limits},
     metrics::Metrics,
     net::{BindError, ConnectError, Net},
     store::{self, Store, StoreError},
@@ -53,6 +54,10 @@ pub struct NodeConfig {
     pub hf_cache_scan: bool,
     /// Import (serve in place) the models of the local Ollama store at start.
     pub ollama_scan: bool,
+    /// Download rate limits and HF hours (`max_upload` above is reported there too).
+    pub limits: LimitConfig,
+    /// `max_store`: evict least recently used unpinned models to stay under this many bytes.
+    pub max_store: Option<u64>,
 }
 
 /// Why a node could not start.
@@ -134,6 +139,13 @@ impl Node {
             metrics.clone(),
             mdns_on,
             config.aliases.clone(),
+        )
+        .with_limits(
+            Limits::new(&LimitConfig {
+                max_upload: config.max_upload,
+                ..config.limits.clone()
+            }),
+            config.max_store,
         );
         let danger_corrupt_uploads =
             std::env::var("MESH_DANGER_CORRUPT_UPLOADS").is_ok_and(|v| v == "1");

@@ -371,6 +371,12 @@ impl FakeHub {
         self.stats()["served_bytes"].as_u64().unwrap()
     }
 
+    /// File bytes the fake Hub has handed to its connections so far (counted as bodies
+    /// stream, 64 KiB at a time), to measure a client's download rate over time.
+    pub fn sent_bytes(&self) -> u64 {
+        self.served_bytes()
+    }
+
     /// The fake Hub's counters: `served_bytes`, `served_per_file` (by `org/name/path`) and
     /// `requests` (`METHOD uri [range] status`).
     pub fn stats(&self) -> serde_json::Value {

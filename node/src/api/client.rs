@@ -8,8 +8,18 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{AddRequest, ApiError, FetchBody, FetchLine, ModelInfo};
-use crate::discovery::PeerInfo;
+use super::{
+    fleet::FleetView,
+    lifecycle::{ModelsBody, PinBody},
+    AddRequest, ApiError, FetchBody, FetchLine, ModelInfo,
+};
+use crate::{
+    discovery::PeerInfo,
+    store::{
+        lifecycle::{GcReport, Removed},
+        verify::VerifyReport,
+    },
+};
 
 /// What a running node publishes in `MESH_HOME/node.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -55,6 +65,16 @@ pub enum ClientError {
     /// The node answered with an error.
     #[error("{0}")]
     Node(String),
+    /// The node answered with an error that has its own exit code.
+    #[error("{message}")]
+    Failed {
+        /// The one-line error.
+        message: String,
+        /// The exit code.
+        code: u8,
+        /// A hint, if any.
+        hint: Option<String>,
+    },
 }
 
 impl NodeClient {
@@ -145,6 +165,63 @@ impl NodeClient {
         Ok(())
     }
 
+    /// `POST /v1/rm`.
+    pub async fn rm(&self, models: &[String]) -> Result<Vec<Removed>, ClientError> {
+        let body = ModelsBody {
+            models: models.to_vec(),
+        };
+        self.post("/v1/rm", &body).await
+    }
+
+    /// `POST /v1/gc`.
+    pub async fn gc(&self) -> Result<GcReport, ClientError> {
+        self.post("/v1/gc", &()).await
+    }
+
+    /// `POST /v1/verify`.
+    pub async fn verify(&self, models: &[String]) -> Result<VerifyReport, ClientError> {
+        let body = ModelsBody {
+            models: models.to_vec(),
+        };
+        self.post("/v1/verify", &body).await
+    }
+
+    /// `POST /v1/pin`.
+    pub async fn pin(&self, model: &str, pin: bool) -> Result<ModelInfo, ClientError> {
+        let body = PinBody {
+            model: model.to_string(),
+            pin,
+        };
+        self.post("/v1/pin", &body).await
+    }
+
+    /// `GET /v1/fleet`: what the fleet page shows.
+    pub async fn fleet(&self) -> Result<FleetView, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/fleet", self.base))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        Self::json(resp).await
+    }
+
+    async fn post<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(self.base.clone(), e))?;
+        Self::json(resp).await
+    }
+
     /// `GET /v1/models`.
     pub async fn models(&self) -> Result<Vec<ModelInfo>, ClientError> {
         let resp = self
@@ -165,10 +242,19 @@ impl NodeClient {
         if status.is_success() {
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Node(e.to_string()))
         } else {
-            let msg = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| status.to_string());
-            Err(ClientError::Node(msg))
+            match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(ApiError {
+                    error,
+                    code: Some(code),
+                    hint,
+                }) => Err(ClientError::Failed {
+                    message: error,
+                    code,
+                    hint,
+                }),
+                Ok(e) => Err(ClientError::Node(e.error)),
+                Err(_) => Err(ClientError::Node(status.to_string())),
+            }
         }
     }
 }

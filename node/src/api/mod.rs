@@ -4,7 +4,10 @@
 //! from `node.json`, which only the store's owner can read.
 
 pub mod client;
+pub mod fleet;
 mod hf;
+pub mod lifecycle;
+mod prom;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -42,6 +45,8 @@ pub struct ApiState {
     fetcher: Fetcher,
     gate: hf::Gate,
     poisoned: hf::Poisoned,
+    /// Rates sampled once a second, for the fleet page.
+    rates: Arc<fleet::Rates>,
 }
 
 impl ApiState {
@@ -57,6 +62,7 @@ impl ApiState {
             store: fetcher.store.clone(),
             gate: hf::Gate::new(&token, fetcher.meta.hub().clone()),
             poisoned: hf::Poisoned::default(),
+            rates: Arc::default(),
             metrics,
             token,
             listen,
@@ -79,6 +85,31 @@ pub struct ModelInfo {
     pub complete: bool,
     /// Number of files.
     pub files: Option<usize>,
+    /// Never evicted to stay under `max_store`.
+    #[serde(default)]
+    pub pinned: bool,
+    /// `local`, or `hf:org/name@commit`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Last added or fetched (Unix milliseconds).
+    #[serde(default)]
+    pub last_used: Option<u64>,
+}
+
+impl ModelInfo {
+    /// A model just added with `mesh add`.
+    pub fn added(manifest: &mesh_proto::Manifest) -> Self {
+        Self {
+            id: manifest.id().to_string(),
+            name: manifest.name().to_string(),
+            size: manifest.total_size(),
+            complete: true,
+            files: Some(manifest.files().len()),
+            pinned: false,
+            source: Some("local".into()),
+            last_used: None,
+        }
+    }
 }
 
 impl From<mesh_proto::wire::ModelSummary> for ModelInfo {
@@ -89,6 +120,9 @@ impl From<mesh_proto::wire::ModelSummary> for ModelInfo {
             size: m.size,
             complete: m.complete,
             files: None,
+            pinned: false,
+            source: None,
+            last_used: None,
         }
     }
 }
@@ -107,6 +141,12 @@ pub struct AddRequest {
 pub struct ApiError {
     /// The message.
     pub error: String,
+    /// The exit code the CLI should use, where the node knows it.
+    #[serde(default)]
+    pub code: Option<u8>,
+    /// A hint for the user.
+    #[serde(default)]
+    pub hint: Option<String>,
 }
 
 pub(crate) async fn serve(
@@ -123,8 +163,11 @@ pub(crate) async fn serve(
         .route("/v1/fetch", post(fetch))
         .route("/v1/peers", get(peers))
         .merge(hf::router().route_layer(middleware::from_fn_with_state(state.clone(), count_hf)))
+        .merge(lifecycle::router())
+        .merge(fleet::router())
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
-        .with_state(state);
+        .with_state(state.clone());
+    tokio::spawn(fleet::sample(state, cancel.clone()));
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -179,7 +222,7 @@ async fn count_hf(State(state): State<ApiState>, req: Request, next: Next) -> Re
 }
 
 async fn metrics(State(state): State<ApiState>) -> String {
-    state.metrics.prometheus()
+    state.metrics.prometheus() + &prom::series(&state)
 }
 
 async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
@@ -205,11 +248,13 @@ async fn status(State(state): State<ApiState>) -> Json<serde_json::Value> {
 
 async fn models(State(state): State<ApiState>) -> Response {
     let store = state.store.clone();
-    match blocking(move || store.models()).await {
-        Ok(models) => {
-            Json(models.into_iter().map(ModelInfo::from).collect::<Vec<_>>()).into_response()
+    match blocking(move || store.model_entries()).await {
+        Ok(entries) => {
+            let mut models: Vec<ModelInfo> = entries.iter().map(lifecycle::model_info).collect();
+            models.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+            Json(models).into_response()
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => lifecycle::store_error(&e),
     }
 }
 
@@ -227,14 +272,8 @@ async fn add(
     let store = state.store.clone();
     let result = blocking(move || store.add_path(&req.path, req.name, &mut |_| {})).await;
     match result {
-        Ok(manifest) => Json(ModelInfo {
-            id: manifest.id().to_string(),
-            name: manifest.name().to_string(),
-            size: manifest.total_size(),
-            complete: true,
-            files: Some(manifest.files().len()),
-        })
-        .into_response(),
+        Ok(manifest) => Json(ModelInfo::added(&manifest)).into_response(),
+        Err(e) if e.exit_code() != 1 => lifecycle::store_error(&e),
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
@@ -303,6 +342,12 @@ pub enum FetchLine {
     Done {
         /// The summary.
         report: FetchReport,
+    },
+    /// Something the user should know while the fetch runs (HuggingFace waiting for
+    /// `hf_hours`, say).
+    Notice {
+        /// The message.
+        message: String,
     },
     /// Failed.
     Error {
@@ -387,10 +432,18 @@ pub async fn fetch_lines(
     tokio::pin!(fetch);
     let mut tick = tokio::time::interval(every);
     let mut announced = false;
+    let mut last_notice = None;
     let result = loop {
         tokio::select! {
             result = &mut fetch => break result,
             _ = tick.tick() => {}
+        }
+        let notice = fetcher.limits.notice();
+        if notice != last_notice {
+            if let Some(message) = notice.clone() {
+                on_line(FetchLine::Notice { message });
+            }
+            last_notice = notice;
         }
         let slot = started.lock().expect("progress slot lock").clone();
         if let Some((start, progress)) = slot {
@@ -428,7 +481,12 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
 }
 
 fn error(status: StatusCode, error: String) -> Response {
-    (status, Json(ApiError { error })).into_response()
+    let body = ApiError {
+        error,
+        code: None,
+        hint: None,
+    };
+    (status, Json(body)).into_response()
 }
 
 #[cfg(test)]

@@ -65,6 +65,20 @@ pub struct PeerInfo {
     pub received: u64,
     /// Total bytes sent to it.
     pub sent: u64,
+    /// The models it holds, with whether each is complete there (for the fleet page).
+    #[serde(default)]
+    pub held: Vec<HeldModel>,
+}
+
+/// A model a peer holds, as the fleet page shows it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct HeldModel {
+    /// Its name.
+    pub name: String,
+    /// Total bytes.
+    pub size: u64,
+    /// Whether every file is complete there.
+    pub complete: bool,
 }
 
 /// Handle to the peer set. Cheap to clone.
@@ -249,10 +263,18 @@ impl Peers {
             let this = self.clone();
             tokio::spawn(async move {
                 if let Ok(list) = ask_models(&conn).await {
-                    let names = list.into_iter().map(|m| m.name).collect();
+                    let names = list.iter().map(|m| m.name.clone()).collect();
                     let mut table = this.inner.table.lock().expect("table lock poisoned");
                     if let Some(row) = table.get_mut(&addr) {
                         row.models = names;
+                        row.held = list
+                            .into_iter()
+                            .map(|m| HeldModel {
+                                name: m.name,
+                                size: m.size,
+                                complete: m.complete,
+                            })
+                            .collect();
                     }
                 }
             });
@@ -304,6 +326,7 @@ impl Peers {
                     .get(&addr)
                     .map(|r| r.models.clone())
                     .unwrap_or_default(),
+                held: table.get(&addr).map(|r| r.held.clone()).unwrap_or_default(),
                 rate_in: ((received - last_in) as f64 / secs) as u64,
                 rate_out: ((sent - last_out) as f64 / secs) as u64,
                 received,

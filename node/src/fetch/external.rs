@@ -16,7 +16,6 @@ use super::{
     adopt::InPlace,
     resolve::Published,
     sources::{HubOrigin, LocalCopies, PeerCopies, Source, Tally, Wanted},
-    target::check_space,
     FetchError, FetchProgress, FetchReport, FetchRequest, Fetcher, FileProgress, PlanEntry,
 };
 use crate::{
@@ -61,7 +60,9 @@ impl Fetcher {
             target.check()?;
         }
         let missing = report.total_bytes - report.bytes_already_local;
-        check_space(&self.store, &req.targets, missing, report.total_bytes)?;
+        let keep = wanted.iter().filter_map(|w| w.hash).collect();
+        self.make_room(&req.targets, missing, report.total_bytes, keep)
+            .await?;
         let provisional = Manifest::new(name.clone(), ModelSource::Local, Vec::new())
             .map_err(StoreError::from)?;
         on_start(&provisional, Arc::new(progress(&wanted)));

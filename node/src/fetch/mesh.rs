@@ -7,11 +7,9 @@ use std::{
 };
 
 use mesh_proto::{Hash, Manifest};
-use tracing::info;
 
 use super::{
-    target::check_space, FetchError, FetchProgress, FetchReport, FetchRequest, Fetcher,
-    FileProgress, Origin, PlanEntry,
+    FetchError, FetchProgress, FetchReport, FetchRequest, Fetcher, FileProgress, Origin, PlanEntry,
 };
 use crate::{
     store::{blocking, ranges, BlobStatus, PartialBlob, Store, StoreError},
@@ -57,11 +55,16 @@ impl Fetcher {
         // Whoever holds a blob's lock is downloading it; a second fetch of the same model
         // waits here and then finds the blob complete.
         let _guards = self.lock_blobs(&manifest).await;
+        // Room first (evicting under max_store), so a fetch refused for space leaves no
+        // partial files behind.
+        let missing = missing_bytes(&store, &manifest).await?;
+        let keep = manifest.files().iter().map(|f| f.hash).collect();
+        self.make_room(&req.targets, missing, manifest.total_size(), keep)
+            .await?;
         let partials = open_partials(&store, &manifest).await?;
         let progress = Arc::new(progress_of(&manifest, &partials));
         let already = progress.done();
         let missing = manifest.total_size() - already;
-        check_space(&store, &req.targets, missing, manifest.total_size())?;
         on_start(&manifest, progress.clone());
 
         let received_before = self.metrics.bytes_received.load(Ordering::Relaxed);
@@ -106,12 +109,6 @@ impl Fetcher {
         report.bytes_from_peers =
             self.metrics.bytes_received.load(Ordering::Relaxed) - received_before;
         report.peers_used = peers_used;
-        info!(
-            model = %report.name,
-            bytes = report.bytes_from_peers,
-            secs = report.seconds,
-            "fetch complete"
-        );
         Ok(report)
     }
 
@@ -127,6 +124,7 @@ impl Fetcher {
             self.peers.connections(),
             self.peers.clone(),
             self.metrics.clone(),
+            self.limits.clone(),
         )
         .await;
         for partial in partials {

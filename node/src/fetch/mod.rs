@@ -30,6 +30,8 @@ mod mesh;
 mod ollama;
 pub mod plan;
 mod resolve;
+mod room;
+pub mod running;
 mod sources;
 pub mod target;
 
@@ -58,6 +60,7 @@ use crate::{
         meta::{HubMeta, MetaError},
         Auth, Hub, HubError,
     },
+    limits::Limits,
     metrics::Metrics,
     net::ConnectError,
     ollama::{OllamaError, OllamaName},
@@ -263,6 +266,12 @@ pub struct Fetcher {
     downloads: Arc<file::Downloads>,
     /// Serialises updates of the `org/name@commit` manifests.
     commit_manifests: Arc<tokio::sync::Mutex<()>>,
+    /// Rate limits and HF hours ([`Fetcher::with_limits`]).
+    pub limits: Limits,
+    /// `max_store`: least recently used unpinned models are evicted to stay under it.
+    pub max_store: Option<u64>,
+    /// The fetches running now.
+    pub transfers: running::Transfers,
 }
 
 impl Fetcher {
@@ -286,12 +295,73 @@ impl Fetcher {
             assembled: Arc::default(),
             downloads: Arc::default(),
             commit_manifests: Arc::default(),
+            limits: Limits::default(),
+            max_store: None,
+            transfers: running::Transfers::default(),
         }
     }
 
+    /// This fetcher, held to `limits` and to `max_store` bytes of store.
+    pub fn with_limits(mut self, limits: Limits, max_store: Option<u64>) -> Self {
+        let hub = Hub::from_env().with_limits(limits.clone());
+        self.meta = HubMeta::new(hub, self.store.clone());
+        self.limits = limits;
+        self.max_store = max_store;
+        self
+    }
+
     /// Fetches a model into `req.targets`. `on_start` receives the progress counters once the
-    /// model is resolved and checked.
+    /// model is resolved and checked. While it runs, the fetch is listed in
+    /// [`Fetcher::transfers`]; when it succeeds the model counts as used now.
     pub async fn fetch(
+        &self,
+        req: FetchRequest,
+        on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
+    ) -> Result<FetchReport, FetchError> {
+        let running = self
+            .transfers
+            .start(req.model.to_string(), &self.peers, &self.limits);
+        let transfer = running.transfer.clone();
+        let on_start = move |m: &Manifest, p: Arc<FetchProgress>| {
+            transfer.set_progress(m.name(), p.clone());
+            on_start(m, p);
+        };
+        let model = req.model.to_string();
+        let report = match self.fetch_any(req, on_start).await {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::info!(model, code = e.exit_code(), "fetch failed: {e}");
+                return Err(e);
+            }
+        };
+        if report.plan.is_some() {
+            return Ok(report);
+        }
+        Metrics::add(&self.metrics.bytes_local, report.bytes_already_local);
+        if let Ok(id) = report.id.parse::<Hash>() {
+            let store = self.store.clone();
+            crate::store::blocking(move || store.touch(id)).await?;
+        }
+        let sources = running
+            .transfer
+            .sources(&self.peers, self.limits.hf_bytes());
+        for (source, bytes) in sources {
+            tracing::info!(peer = %source, model = %report.name, bytes, "received");
+        }
+        tracing::info!(
+            model = %report.name,
+            bytes = report.bytes_from_peers + report.bytes_from_hf,
+            bytes_from_peers = report.bytes_from_peers,
+            bytes_from_hf = report.bytes_from_hf,
+            bytes_local = report.bytes_already_local,
+            seconds = report.seconds,
+            peers = report.peers_used.len(),
+            "fetch complete"
+        );
+        Ok(report)
+    }
+
+    async fn fetch_any(
         &self,
         req: FetchRequest,
         on_start: impl FnOnce(&Manifest, Arc<FetchProgress>),
@@ -436,6 +506,8 @@ impl FetchError {
     /// The process exit code for this error (README.md documents them).
     pub fn exit_code(&self) -> u8 {
         match self {
+            e if crate::store::disk_full(e) => 6,
+            Self::Store(e) => e.exit_code(),
             Self::UnknownModel(_) => 3,
             Self::Connect(_) | Self::NoPeers(_) | Self::BadManifest { .. } => 4,
             Self::Download(e) if e.is_bad_data() => 5,
@@ -464,6 +536,8 @@ impl FetchError {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             Self::Shared(e) => e.hint(),
+            e if crate::store::disk_full(e) => Some(crate::store::DISK_FULL_HINT),
+            Self::Store(e) => e.hint(),
             Self::Connect(ConnectError::WrongKey(_)) => Some(
                 "every node of one mesh needs the same MESH_KEY (or --mesh-key, or mesh_key in config.toml)",
             ),

@@ -10,6 +10,8 @@
 
 use std::path::PathBuf;
 
+use crate::limits::Limits;
+
 use super::{
     repo::{urlencode, HubFile, RepoInfo, RepoRef},
     retry,
@@ -113,6 +115,8 @@ pub struct Hub {
     token: Option<String>,
     offline: bool,
     http: reqwest::Client,
+    /// The node's rate limits and HF hours, awaited before every range and chunk.
+    limits: Limits,
 }
 
 impl Hub {
@@ -135,7 +139,14 @@ impl Hub {
                 .read_timeout(retry::READ_TIMEOUT)
                 .build()
                 .expect("reqwest client builds"),
+            limits: Limits::default(),
         }
+    }
+
+    /// This client, held to the node's limits (`max_hf_download`, `max_download`, `hf_hours`).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The endpoint in use.
@@ -358,6 +369,8 @@ impl Hub {
         start: u64,
         len: u64,
     ) -> Result<Vec<u8>, HubError> {
+        // Within the HF hours and the uplink's rate (`max_hf_download`), if set.
+        self.limits.hf_take(len).await;
         let url = self.resolve_url(repo, commit, &file.path);
         let range = format!("bytes={start}-{}", start + len - 1);
         let mut attempt = 0;
@@ -381,7 +394,10 @@ impl Hub {
                 return Err(self.http_err(format!("{}: HTTP {status} for a range", file.path)));
             }
             match resp.bytes().await {
-                Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes.to_vec()),
+                Ok(bytes) if bytes.len() as u64 == len => {
+                    self.limits.hf_got(len);
+                    return Ok(bytes.to_vec());
+                }
                 Ok(bytes) => {
                     return Err(self.http_err(format!(
                         "{}: range of {} bytes, expected {len}",

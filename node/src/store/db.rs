@@ -17,6 +17,11 @@ const RESTRICTED: TableDefinition<&[u8], ()> = TableDefinition::new("restricted"
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
 /// HuggingFace metadata as the Hub sent it (see `hf::meta`): key -> bytes.
 const HF_META: TableDefinition<&str, &[u8]> = TableDefinition::new("hf_meta");
+/// Pinned model ids: never evicted to stay under `max_store`.
+const PINNED: TableDefinition<&[u8], ()> = TableDefinition::new("pinned");
+/// Model id -> when it was last added, fetched or served through the HF endpoint (Unix
+/// milliseconds), for evicting the least recently used first.
+const LAST_USED: TableDefinition<&[u8], u64> = TableDefinition::new("last_used");
 
 /// Creates the tables so read transactions never meet a missing one.
 pub(super) fn init(db: &redb::Database) -> Result<(), StoreError> {
@@ -27,6 +32,8 @@ pub(super) fn init(db: &redb::Database) -> Result<(), StoreError> {
     tx.open_table(ETAGS).map_err(redb::Error::from)?;
     tx.open_table(RESTRICTED).map_err(redb::Error::from)?;
     tx.open_table(HF_META).map_err(redb::Error::from)?;
+    tx.open_table(PINNED).map_err(redb::Error::from)?;
+    tx.open_table(LAST_USED).map_err(redb::Error::from)?;
     tx.commit().map_err(redb::Error::from)?;
     Ok(())
 }
@@ -176,6 +183,148 @@ pub(super) fn is_restricted(db: &redb::Database, hash: Hash) -> Result<bool, Sto
         .get(hash.as_bytes().as_slice())
         .map_err(redb::Error::from)?
         .is_some())
+}
+
+fn hash_of(bytes: &[u8]) -> Result<Hash, StoreError> {
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| postcard::Error::DeserializeUnexpectedEnd)?;
+    Ok(Hash::from(bytes))
+}
+
+/// Every blob record.
+pub(super) fn blobs(db: &redb::Database) -> Result<Vec<(Hash, BlobRecord)>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = tx.open_table(BLOBS).map_err(redb::Error::from)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(redb::Error::from)? {
+        let (k, v) = entry.map_err(redb::Error::from)?;
+        out.push((hash_of(k.value())?, postcard::from_bytes(v.value())?));
+    }
+    Ok(out)
+}
+
+/// Forgets a model: its manifest, its name (if the name still points at it), its pin and its
+/// last use. Its blobs are the caller's business.
+pub(super) fn remove_manifest(db: &redb::Database, manifest: &Manifest) -> Result<(), StoreError> {
+    let id = manifest.id();
+    let key = id.as_bytes().as_slice();
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut models = tx.open_table(MODELS).map_err(redb::Error::from)?;
+        models.remove(key).map_err(redb::Error::from)?;
+        let mut names = tx.open_table(NAMES).map_err(redb::Error::from)?;
+        let points_here = names
+            .get(manifest.name())
+            .map_err(redb::Error::from)?
+            .is_some_and(|v| v.value() == key);
+        if points_here {
+            names.remove(manifest.name()).map_err(redb::Error::from)?;
+        }
+        let mut pinned = tx.open_table(PINNED).map_err(redb::Error::from)?;
+        pinned.remove(key).map_err(redb::Error::from)?;
+        let mut used = tx.open_table(LAST_USED).map_err(redb::Error::from)?;
+        used.remove(key).map_err(redb::Error::from)?;
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+/// Pins or unpins a model id.
+pub(super) fn set_pinned(db: &redb::Database, id: Hash, pin: bool) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut table = tx.open_table(PINNED).map_err(redb::Error::from)?;
+        if pin {
+            table
+                .insert(id.as_bytes().as_slice(), ())
+                .map_err(redb::Error::from)?;
+        } else {
+            table
+                .remove(id.as_bytes().as_slice())
+                .map_err(redb::Error::from)?;
+        }
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+/// The pinned model ids.
+pub(super) fn pinned(db: &redb::Database) -> Result<std::collections::HashSet<Hash>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = tx.open_table(PINNED).map_err(redb::Error::from)?;
+    let mut out = std::collections::HashSet::new();
+    for entry in table.iter().map_err(redb::Error::from)? {
+        out.insert(hash_of(entry.map_err(redb::Error::from)?.0.value())?);
+    }
+    Ok(out)
+}
+
+/// Records that a model was used at `millis` (Unix milliseconds).
+pub(super) fn touch(db: &redb::Database, id: Hash, millis: u64) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    {
+        let mut table = tx.open_table(LAST_USED).map_err(redb::Error::from)?;
+        table
+            .insert(id.as_bytes().as_slice(), millis)
+            .map_err(redb::Error::from)?;
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(())
+}
+
+/// When each model was last used (models never used are absent).
+pub(super) fn last_used(
+    db: &redb::Database,
+) -> Result<std::collections::HashMap<Hash, u64>, StoreError> {
+    let tx = db.begin_read().map_err(redb::Error::from)?;
+    let table = tx.open_table(LAST_USED).map_err(redb::Error::from)?;
+    let mut out = std::collections::HashMap::new();
+    for entry in table.iter().map_err(redb::Error::from)? {
+        let (k, v) = entry.map_err(redb::Error::from)?;
+        out.insert(hash_of(k.value())?, v.value());
+    }
+    Ok(out)
+}
+
+/// Drops HuggingFace etag records whose blob `keep` rejects, and restricted marks on hashes
+/// `keep` rejects. Returns how many records went.
+pub(super) fn prune_hf_records(
+    db: &redb::Database,
+    keep: &dyn Fn(Hash) -> bool,
+) -> Result<usize, StoreError> {
+    let tx = db.begin_write().map_err(redb::Error::from)?;
+    let mut removed = 0;
+    {
+        let mut etags = tx.open_table(ETAGS).map_err(redb::Error::from)?;
+        let mut stale = Vec::new();
+        for entry in etags.iter().map_err(redb::Error::from)? {
+            let (k, v) = entry.map_err(redb::Error::from)?;
+            if !keep(hash_of(v.value())?) {
+                stale.push(k.value().to_string());
+            }
+        }
+        for etag in &stale {
+            etags.remove(etag.as_str()).map_err(redb::Error::from)?;
+        }
+        removed += stale.len();
+        let mut restricted = tx.open_table(RESTRICTED).map_err(redb::Error::from)?;
+        let mut stale = Vec::new();
+        for entry in restricted.iter().map_err(redb::Error::from)? {
+            let key = entry.map_err(redb::Error::from)?.0.value().to_vec();
+            if !keep(hash_of(&key)?) {
+                stale.push(key);
+            }
+        }
+        for key in &stale {
+            restricted
+                .remove(key.as_slice())
+                .map_err(redb::Error::from)?;
+        }
+        removed += stale.len();
+    }
+    tx.commit().map_err(redb::Error::from)?;
+    Ok(removed)
 }
 
 pub(super) fn put_hf_meta(db: &redb::Database, key: &str, value: &[u8]) -> Result<(), StoreError> {

@@ -18,9 +18,11 @@
 mod db;
 pub mod digest;
 mod import;
+pub mod lifecycle;
 mod partial;
 pub mod pieces;
 pub mod ranges;
+pub mod verify;
 
 use std::{
     collections::HashMap,
@@ -39,6 +41,10 @@ use serde::{Deserialize, Serialize};
 pub use self::import::AddProgress;
 pub use self::partial::{PartialBlob, Verified};
 use self::pieces::PieceFiles;
+
+/// Bytes `MESH_HOME/reserve` holds back, so that the database can still record what was
+/// verified when the disk fills up (see [`Store::release_reserve`]).
+const RESERVE_BYTES: u64 = 4 << 20;
 
 /// The chunk group size of every outboard: 16 KiB.
 pub const BLOCK_SIZE: bao_tree::BlockSize = bao_tree::BlockSize::from_chunk_log(4);
@@ -76,6 +82,21 @@ pub enum StoreError {
     /// A path given to `mesh add` has nothing to add.
     #[error("{0}: nothing to add (no regular files)")]
     Empty(PathBuf),
+    /// No model of that name or id in this store.
+    #[error("no model {0} in this store (`mesh ls` lists them)")]
+    NoModel(String),
+    /// `max_store` can't make room: what is left is pinned or needed by this fetch.
+    #[error("max_store is {max} bytes and the store uses {used}: {need} more bytes do not fit, even with every unpinned model evicted ({evicted} were)")]
+    Quota {
+        /// Bytes the fetch needs.
+        need: u64,
+        /// Bytes the store uses after evicting.
+        used: u64,
+        /// The quota.
+        max: u64,
+        /// Models evicted before giving up.
+        evicted: usize,
+    },
 }
 
 impl From<redb::Error> for StoreError {
@@ -85,12 +106,65 @@ impl From<redb::Error> for StoreError {
 }
 
 impl StoreError {
+    /// The process exit code this error calls for (README.md documents them): 3 for an
+    /// unknown model, 6 for a full disk or quota, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NoModel(_) => 3,
+            Self::Quota { .. } => 6,
+            e if disk_full(e) => 6,
+            _ => 1,
+        }
+    }
+
+    /// A one-line hint, where there is one.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Quota { .. } => Some(QUOTA_HINT),
+            e if disk_full(e) => Some(DISK_FULL_HINT),
+            _ => None,
+        }
+    }
+
     fn io(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
         move |source| Self::Io {
             path: path.to_path_buf(),
             source,
         }
     }
+}
+
+/// What to tell a user whose disk filled up.
+pub const DISK_FULL_HINT: &str = "the disk is full: free space (`mesh gc`, `mesh rm MODEL`) or set MESH_HOME to a bigger disk, then re-run: verified data is kept and the fetch resumes";
+/// What to tell a user whose `max_store` is too small.
+pub const QUOTA_HINT: &str =
+    "raise max_store in config.toml (or MESH_MAX_STORE), or `mesh unpin` / `mesh rm` models";
+
+/// Whether `err`, or any error under it, is a full disk (ENOSPC) or an exceeded disk quota
+/// (EDQUOT).
+pub fn disk_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        // redb's errors name no source: look inside the store's wrapper of them.
+        let io = e
+            .downcast_ref::<io::Error>()
+            .or_else(|| match e.downcast_ref::<StoreError>() {
+                Some(StoreError::Db(db)) => match &**db {
+                    redb::Error::Io(io) => Some(io),
+                    _ => None,
+                },
+                _ => None,
+            });
+        if let Some(io) = io {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                || io.kind() == io::ErrorKind::StorageFull
+            {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Where a complete blob's bytes live.
@@ -240,7 +314,7 @@ impl Store {
         };
         let _ = fs::set_permissions(&db_path, fs::Permissions::from_mode(0o600));
         db::init(&db)?;
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(Inner {
                 home: home.to_path_buf(),
                 db,
@@ -248,7 +322,43 @@ impl Store {
                 partials: Mutex::default(),
                 blobs_appeared: tokio::sync::watch::channel(()).0,
             }),
-        })
+        };
+        store.ensure_reserve();
+        Ok(store)
+    }
+
+    /// Holds back [`RESERVE_BYTES`] of disk in `MESH_HOME/reserve`, if it isn't already (and
+    /// the disk has room).
+    pub fn ensure_reserve(&self) {
+        let path = self.inner.home.join("reserve");
+        if fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE_BYTES) {
+            return;
+        }
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let made = fs::File::create(&tmp).and_then(|f| {
+            use fs4::FileExt;
+            f.allocate(RESERVE_BYTES)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        });
+        if let Err(e) = made {
+            let _ = fs::remove_file(&tmp);
+            tracing::debug!("no disk reserve for the store: {e}");
+        }
+    }
+
+    /// Gives the reserve back to the disk: called when a write finds the disk full, so the
+    /// checkpoint that follows can still record the verified bytes. Returns whether there was
+    /// one.
+    pub(crate) fn release_reserve(&self) -> bool {
+        let released = fs::remove_file(self.inner.home.join("reserve")).is_ok();
+        if released {
+            tracing::info!(
+                bytes = RESERVE_BYTES,
+                "disk full: released the store's reserve to record what was verified"
+            );
+        }
+        released
     }
 
     /// The store folder.
@@ -297,9 +407,15 @@ impl Store {
         Ok(import::add_file(self, path, Some(expected))?.0 == expected)
     }
 
-    /// Records a manifest and points its name at it.
+    /// Records a manifest and points its name at it. A model new to the store counts as used
+    /// now (so it is not the first evicted).
     pub fn insert_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        db::insert_manifest(&self.inner.db, manifest)
+        let new = db::manifest(&self.inner.db, &ModelRef::Id(manifest.id()))?.is_none();
+        db::insert_manifest(&self.inner.db, manifest)?;
+        if new {
+            self.touch(manifest.id())?;
+        }
+        Ok(())
     }
 
     /// The manifest for a model id or name, if known here.
@@ -482,7 +598,8 @@ impl Store {
     pub fn import_owned(&self, path: &Path) -> Result<(Hash, u64), StoreError> {
         let file = fs::File::open(path).map_err(StoreError::io(path))?;
         let size = file.metadata().map_err(StoreError::io(path))?.len();
-        let tmp = path.with_extension("obao.tmp");
+        // Named after this process, so `mesh gc` knows a leftover from a dead one.
+        let tmp = path.with_extension(format!("{}.obao.tmp", std::process::id()));
         let outboard = create_private(&tmp).map_err(StoreError::io(&tmp))?;
         let hash =
             import::outboard_post_order(&file, size, &outboard).map_err(StoreError::io(path))?;
@@ -662,7 +779,7 @@ pub(crate) fn create_private(path: &Path) -> io::Result<fs::File> {
 /// Writes a file only its owner can read, durably.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)

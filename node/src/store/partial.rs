@@ -296,9 +296,14 @@ impl PartialBlob {
                         return Ok(0);
                     }
                 }
-                self.data
-                    .write_all_at(&leaf.data, leaf.offset)
-                    .map_err(StoreError::io(&self.store.partial_path(self.hash, "data")))?;
+                if let Err(e) = self.data.write_all_at(&leaf.data, leaf.offset) {
+                    let e = StoreError::io(&self.store.partial_path(self.hash, "data"))(e);
+                    if super::disk_full(&e) {
+                        // Room for the checkpoint that records what did fit.
+                        self.store.release_reserve();
+                    }
+                    return Err(e);
+                }
                 let mut state = self.lock();
                 let new = ranges::byte_len(&(range - &state.have), self.size);
                 state.have |= ChunkRanges::from(start..end);
@@ -337,7 +342,12 @@ impl PartialBlob {
             size: self.size,
             have: pairs_from_ranges(&have),
         };
-        db::put_blob(&self.store.inner.db, self.hash, &record)
+        match db::put_blob(&self.store.inner.db, self.hash, &record) {
+            Err(e) if super::disk_full(&e) && self.store.release_reserve() => {
+                db::put_blob(&self.store.inner.db, self.hash, &record)
+            }
+            other => other,
+        }
     }
 
     fn complete(&self) -> Result<(), StoreError> {

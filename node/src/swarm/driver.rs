@@ -27,6 +27,7 @@ use super::{
 };
 use crate::{
     discovery::{Connections, Peers},
+    limits::Limits,
     metrics::Metrics,
     net::{read_frame, write_frame, StreamError},
     store::ranges,
@@ -40,6 +41,7 @@ pub(super) async fn run(
     mut conns: watch::Receiver<Connections>,
     peers: Peers,
     metrics: Arc<Metrics>,
+    limits: Limits,
 ) -> Result<Vec<SocketAddr>, DownloadError> {
     let specs: Vec<FileSpec> = jobs
         .iter()
@@ -59,6 +61,7 @@ pub(super) async fn run(
         events: tx,
         peer_set: peers,
         metrics,
+        limits,
         used: HashSet::new(),
         last_error: None,
     };
@@ -130,6 +133,8 @@ struct Driver {
     events: mpsc::UnboundedSender<Event>,
     peer_set: Peers,
     metrics: Arc<Metrics>,
+    /// `max_download`: each request waits for its bytes before it goes out.
+    limits: Limits,
     /// Peers that delivered data.
     used: HashSet<SocketAddr>,
     /// The most telling request failure, for the report if the download stalls: bad data
@@ -185,7 +190,10 @@ impl Driver {
         };
         let partial = job.partial.clone();
         let events = self.events.clone();
+        let limits = self.limits.clone();
+        let bytes = ranges::byte_len(&wanted, partial.size());
         self.requests.spawn(async move {
+            limits.download(bytes).await;
             let result = get_ranges(&conn, partial, &wanted, hooks).await;
             let _ = events.send(Event::Done { req, result });
         });

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 
 use crate::{
     discovery::{Connections, Peers},
+    limits::Limits,
     metrics::Metrics,
     store::{PartialBlob, StoreError},
     transfer::get::GetError,
@@ -88,12 +89,14 @@ impl DownloadError {
 }
 
 /// Downloads every missing block of `jobs` from the peers in `conns` (which may change while
-/// it runs). Returns the peers that delivered data.
+/// it runs), each request waiting for its bytes to fit `limits` (`max_download`). Returns the
+/// peers that delivered data.
 pub async fn download(
     jobs: Vec<FileJob>,
     conns: watch::Receiver<Connections>,
     peers: Peers,
     metrics: Arc<Metrics>,
+    limits: Limits,
 ) -> Result<Vec<SocketAddr>, DownloadError> {
-    driver::run(jobs, conns, peers, metrics).await
+    driver::run(jobs, conns, peers, metrics, limits).await
 }
