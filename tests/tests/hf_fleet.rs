@@ -11,7 +11,7 @@ const REPO: &str = "org/fleet";
 
 /// Waits until every node sees every other one connected (`mesh peers`).
 fn wait_for_peers(nodes: &[NodeProc]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     for n in nodes {
         loop {
             let out = n

@@ -50,7 +50,7 @@ const ORIGIN_REQUESTS: usize = 4;
 /// How long a peer may take to send one piece before it is asked elsewhere.
 const PEER_PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Wait this long for other nodes to announce themselves before the first origin request.
-const SETTLE: Duration = Duration::from_millis(500);
+const SETTLE: Duration = Duration::from_millis(200);
 /// How soon a peer that had nothing (yet) is asked again.
 const RESUBSCRIBE: Duration = Duration::from_millis(100);
 

@@ -9,11 +9,12 @@
 //! leaving it as many as it asks for at once (the `reserve`). So nodes that start together
 //! never ask for the same piece, a fast node helps a slow one at the end, and the uplink stays
 //! busy to the end. (Helping any owner made nodes collide whenever the news of what an owner
-//! had taken lagged behind it: 1.07-1.41x of the file from a Hub as fast as the LAN.) Only
-//! when the pieces nobody has stop getting fewer for [`STAND_IN_WAIT`] (an owner that can't
-//! reach the origin, or is slow) do further stand-ins help, and take an owner's last piece
-//! too: a second stand-in would walk the same end as the first. A piece a local reader waits
-//! for (and the few after it) goes first, whoever owns it.
+//! had taken lagged behind it: 1.07-1.41x of the file from a Hub as fast as the LAN.)
+//! An owner that takes nothing for [`STAND_IN_WAIT`] (it can't reach the origin, say) has its
+//! remaining pieces taken by its first stand-in, then, after twice that, by its second, and so
+//! on: stand-ins that all see it stall don't all take the same piece at once (with one
+//! threshold for all, a 40 Mbit uplink's slow last pieces were taken twice). A piece a local
+//! reader waits for (and the few after it) goes first, whoever owns it.
 //!
 //! Unit-tested without sockets below.
 
@@ -24,8 +25,8 @@ use std::{
 
 use crate::swarm::layout::seed_order;
 
-/// How long the pieces nobody has may stay as many before owners' last pieces are taken by
-/// anyone.
+/// How long an owner may take nothing before its first stand-in takes the pieces it would
+/// ask for next (the r-th stand-in waits r times as long).
 pub(crate) const STAND_IN_WAIT: Duration = Duration::from_secs(2);
 /// How long an owner's unclaimed pieces must stay as many before a stand-in helps it.
 pub(crate) const HELP_WAIT: Duration = Duration::from_millis(500);
@@ -49,9 +50,6 @@ pub(crate) struct OriginPlan {
     /// place in our order and its owner.
     split: Vec<u64>,
     order: Vec<((u16, u64), u64)>,
-    /// Pieces nobody has, at the last call, and since when that number has not fallen.
-    unclaimed: usize,
-    stuck_since: Option<Instant>,
     /// Per owner: its unclaimed pieces plus those we took for it, at the last call, and since
     /// when that number has not fallen (what we take for an owner is not its progress).
     owners: HashMap<u64, (usize, Instant)>,
@@ -65,8 +63,6 @@ impl OriginPlan {
             me,
             split: Vec::new(),
             order: Vec::new(),
-            unclaimed: usize::MAX,
-            stuck_since: None,
             owners: HashMap::new(),
             helped: HashMap::new(),
         };
@@ -115,18 +111,9 @@ impl OriginPlan {
             .take(slots)
             .collect();
         let candidates: Vec<usize> = (0..pieces.len()).filter(|&p| free(p)).collect();
-        if candidates.len() < self.unclaimed || candidates.is_empty() {
-            self.stuck_since = None;
-        } else {
-            self.stuck_since.get_or_insert(now);
-        }
-        self.unclaimed = candidates.len();
         if !settled {
             return out;
         }
-        let any_rank = self
-            .stuck_since
-            .is_some_and(|t| now.saturating_duration_since(t) >= STAND_IN_WAIT);
         let mut left: HashMap<u64, usize> = HashMap::new();
         for &p in &candidates {
             *left.entry(self.order[p].1).or_default() += 1;
@@ -139,17 +126,20 @@ impl OriginPlan {
                 *seen = (n, now);
             }
         }
-        let lagging = |owner: u64| {
+        // How long each owner has not taken a piece (what we took for it doesn't count).
+        let idle = |owner: u64| {
             self.owners
                 .get(&owner)
-                .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= HELP_WAIT)
+                .map_or(Duration::ZERO, |(_, since)| {
+                    now.saturating_duration_since(*since)
+                })
         };
         let own_left = candidates.iter().any(|&p| self.order[p].0 .0 == 0);
         let mut ranked: Vec<usize> = candidates
             .into_iter()
             .filter(|&p| {
                 let ((rank, _), owner) = self.order[p];
-                rank == 0 || (rank == 1 && !own_left && lagging(owner)) || any_rank
+                rank == 0 || (!own_left && may_help(rank, idle(owner)))
             })
             .collect();
         ranked.sort_by_key(|&p| self.order[p].0);
@@ -158,13 +148,13 @@ impl OriginPlan {
                 break;
             }
             let ((rank, _), owner) = self.order[p];
-            if rank > 0 && !any_rank {
-                // Leave the owner what it asks for next.
+            if rank > 0 {
+                // Leave the owner what it asks for next, unless it has been stuck.
                 let n = left.get_mut(&owner).expect("counted above");
-                if *n <= reserve {
+                if *n <= reserve && !may_take_reserved(rank, idle(owner)) {
                     continue;
                 }
-                *n -= 1;
+                *n = n.saturating_sub(1);
                 *self.helped.entry(owner).or_default() += 1;
             }
             if !out.contains(&p) {
@@ -173,6 +163,23 @@ impl OriginPlan {
         }
         out
     }
+}
+
+/// Whether a stand-in of `rank` may help an owner idle this long: the first stand-in once the
+/// owner doesn't keep up ([`HELP_WAIT`]), the r-th only after r times [`STAND_IN_WAIT`], so
+/// stand-ins that see the same owner fall behind don't all take the same piece at once.
+fn may_help(rank: u16, idle: Duration) -> bool {
+    match rank {
+        0 => true,
+        1 => idle >= HELP_WAIT,
+        r => idle >= STAND_IN_WAIT * u32::from(r),
+    }
+}
+
+/// Whether a stand-in of `rank` may take the pieces an owner idle this long would ask for next
+/// (it can't reach the origin, say).
+fn may_take_reserved(rank: u16, idle: Duration) -> bool {
+    idle >= STAND_IN_WAIT * u32::from(rank.max(1))
 }
 
 #[cfg(test)]
@@ -273,6 +280,17 @@ mod tests {
             pieces[p].elsewhere = true;
             assert!(plan.next(&pieces, vec![b], None, true, 4, 1, t).is_empty());
         }
+    }
+
+    #[test]
+    fn stand_ins_take_a_stuck_owners_last_pieces_one_rank_at_a_time() {
+        assert!(may_help(0, Duration::ZERO));
+        assert!(!may_help(1, HELP_WAIT / 2) && may_help(1, HELP_WAIT));
+        assert!(!may_help(2, STAND_IN_WAIT) && may_help(2, STAND_IN_WAIT * 2));
+        assert!(!may_take_reserved(1, STAND_IN_WAIT / 2) && may_take_reserved(1, STAND_IN_WAIT));
+        assert!(
+            !may_take_reserved(3, STAND_IN_WAIT * 2) && may_take_reserved(3, STAND_IN_WAIT * 3)
+        );
     }
 
     #[test]
