@@ -29,6 +29,8 @@ const STREAM_WINDOW: u32 = 8 << 20;
 /// of about one round trip). With QUIC's default of 2, ACK-only packets for what a node uploads
 /// took 1.1% of its downlink in the swarm benchmark; with 9, 0.6%.
 const ACK_EVERY: u32 = 9;
+/// UDP socket buffer asked for each way.
+const SOCKET_BUFFER: usize = 8 << 20;
 /// Per-connection send buffer.
 const SEND_WINDOW: u32 = 32 << 20;
 /// The receive window a connection starts with and never goes below.
@@ -133,6 +135,7 @@ impl Net {
         client.transport_config(transport.clone());
         let socket =
             std::net::UdpSocket::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
+        size_socket_buffers(&socket);
         let server = if accept {
             let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server)
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -277,6 +280,21 @@ impl Net {
     pub async fn close(&self, code: u32) {
         self.endpoint.close(code.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Asks for [`SOCKET_BUFFER`] bytes of kernel buffer each way (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`). The default (about 200 KiB) overflows when a burst of
+/// packets arrives while the receiving task is busy: each drop is a loss to QUIC.
+fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    for (what, result) in [
+        ("receive", sock.set_recv_buffer_size(SOCKET_BUFFER)),
+        ("send", sock.set_send_buffer_size(SOCKET_BUFFER)),
+    ] {
+        if let Err(e) = result {
+            tracing::debug!("cannot size the UDP {what} buffer: {e}");
+        }
     }
 }
 

@@ -35,7 +35,7 @@ use positioned_io::RandomAccessFile;
 use serde::{Deserialize, Serialize};
 
 pub use self::import::AddProgress;
-pub use self::partial::{PartialBlob, Verified};
+pub use self::partial::{PartialBlob, Verified, Written};
 use self::pieces::PieceFiles;
 
 /// The chunk group size of every outboard: 16 KiB.
@@ -164,6 +164,19 @@ pub struct BlobReader {
 }
 
 impl BlobReader {
+    /// Data, outboard, the chunks verified when it was opened, and the download in progress
+    /// (for waiting on pending chunks with [`PartialBlob::wait_verified`]).
+    pub fn into_parts(
+        self,
+    ) -> (
+        RandomAccessFile,
+        PostOrderOutboard<RandomAccessFile>,
+        ChunkRanges,
+        Option<Arc<PartialBlob>>,
+    ) {
+        (self.data, self.outboard, self.have, self.growing)
+    }
+
     /// The chunks this reader may be asked to encode.
     pub fn promised(&self) -> ChunkRanges {
         self.have.clone() | &self.pending
