@@ -95,7 +95,7 @@ impl PartialState {
     /// missing is no longer coming (neither verified nor pending).
     fn verified(&self, chunks: &ChunkRanges, any: bool) -> io::Result<bool> {
         let missing = chunks.clone() - &self.have;
-        if missing.is_empty() || (any && &missing != chunks) || self.complete {
+        if missing.is_empty() || (any && missing != *chunks) || self.complete {
             return Ok(true);
         }
         // All of them must still be coming, or (with `any`) one of them.
