@@ -35,6 +35,49 @@ pub fn proc_cpu_secs(pid: u32) -> Result<f64> {
     Ok(ticks / clk_tck())
 }
 
+/// Waits for `child` and returns its exit status, CPU seconds (user + system) and peak RSS in
+/// bytes, from the kernel's own accounting of that one process.
+pub fn wait_measured(
+    child: &mut std::process::Child,
+) -> Result<(std::process::ExitStatus, f64, u64)> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    // SAFETY: wait4 writes only the status and the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    Ok((
+        std::process::ExitStatus::from_raw(status),
+        cpu,
+        usage.ru_maxrss as u64 * 1024,
+    ))
+}
+
+/// The peak RSS of a running process so far (`VmHWM`), in bytes.
+pub fn proc_peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// Makes a sparse file of `size` bytes (all zeros, no disk blocks): `mesh add` hashes it in
+/// place, so the biggest files cost only the receiver's copy.
+pub fn make_sparse_file(path: &Path, size: u64) -> Result<()> {
+    std::fs::File::create(path)?.set_len(size)?;
+    Ok(())
+}
+
 /// CPU seconds used by all waited-for children of this process.
 pub fn children_cpu_secs() -> f64 {
     // SAFETY: getrusage only writes the struct we pass.
