@@ -272,7 +272,7 @@ impl Net {
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, run).await {
             Ok(Ok(())) => {
-                self.tune(&conn);
+                self.tune(conn);
                 Ok(())
             }
             Ok(Err(e)) => {
