@@ -198,13 +198,19 @@ fn run_mesh(
             "node",
             "--no-mdns",
             "--listen",
-            &format!("{listen_ip}:7341"),
+            &format!("{listen_ip}:0"),
             "--api",
             "127.0.0.1:0",
         ])
         .stderr(Stdio::null())
         .spawn()?;
-    wait_for(&seed_home.join("node.json"), &mut seed)?;
+    // The port the OS gave the seed (a fixed one may be taken by another node on the box).
+    let info = wait_for(&seed_home.join("node.json"), &mut seed)?;
+    let port = info["listen"]
+        .as_str()
+        .and_then(|l| l.rsplit(':').next())
+        .context("node.json has no listen address")?
+        .to_string();
     let fetch_home = dir.join(format!("fetch-{}", case.replace(' ', "_")));
     let out = dir.join(format!("out-{}", case.replace(' ', "_")));
     let _ = std::fs::remove_dir_all(&fetch_home);
@@ -217,7 +223,7 @@ fn run_mesh(
             "fetch",
             "bench",
             "--peer",
-            &format!("{dial_ip}:7341"),
+            &format!("{dial_ip}:{port}"),
             "--to",
         ])
         .arg(&out)
@@ -293,13 +299,16 @@ fn run_tcp(
     })
 }
 
-fn wait_for(path: &Path, child: &mut Child) -> Result<()> {
+/// Waits until the node wrote its `node.json`, and returns it.
+fn wait_for(path: &Path, child: &mut Child) -> Result<serde_json::Value> {
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
-    while !path.exists() {
+    loop {
+        if let Ok(info) = serde_json::from_slice(&std::fs::read(path).unwrap_or_default()) {
+            return Ok(info);
+        }
         if child.try_wait()?.is_some() || Instant::now() > deadline {
             bail!("mesh node did not start");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(())
 }

@@ -9,7 +9,7 @@
 //!
 //! The connection, not mDNS, is how a vanished peer is noticed: mDNS sends no goodbye, while a
 //! dead QUIC connection times out after the idle timeout (10 s, with keep-alives on idle
-//! connections every 3 s). Besides the connections it keeps, per peer, the models it holds
+//! connections every 4 s). Besides the connections it keeps, per peer, the models it holds
 //! (asked when someone looks, at most every [`MODELS_FRESH`]) and transfer rates, for
 //! `mesh peers`.
 

@@ -19,7 +19,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alive interval; with [`IDLE_TIMEOUT`] it bounds how long a dead peer goes unnoticed.
 /// quinn sends one only when nothing arrived for this long: busy connections carry none, and
 /// an idle pair exchanges one PING and its ACK per interval.
-const KEEP_ALIVE: Duration = Duration::from_secs(3);
+const KEEP_ALIVE: Duration = Duration::from_secs(4);
 /// A connection with no traffic (not even keep-alives) for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent request streams a peer may open on one connection.
@@ -442,4 +442,40 @@ pub async fn read_frame<T: DeserializeOwned>(
     let mut body = vec![0u8; frame_len(prefix)?];
     recv.read_exact(&mut body).await?;
     Ok(decode_body(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Net {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Net::bind(addr, &key.serialize_der(), Some("k".into()), true).unwrap()
+    }
+
+    /// Accepts one connection on `net` and runs the membership handshake.
+    async fn accept(net: &Net) -> quinn::Connection {
+        let conn = net.endpoint().accept().await.unwrap().await.unwrap();
+        net.authenticate(&conn).await.unwrap();
+        conn
+    }
+
+    /// Two nodes that dial each other at once hold two connections; both must keep the same
+    /// one, or each would close the other's choice and they would end up with none.
+    #[tokio::test]
+    async fn both_ends_of_a_double_dial_keep_the_same_connection() {
+        for _ in 0..4 {
+            let (a, b) = (node(), node());
+            let (a_to_b, b_from_a) = tokio::join!(a.connect(b.local_addr()), accept(&b));
+            let (b_to_a, a_from_b) = tokio::join!(b.connect(a.local_addr()), accept(&a));
+            let (a_to_b, b_to_a) = (a_to_b.unwrap(), b_to_a.unwrap());
+            // The connection a dialed, as each end sees it.
+            let a_keeps_its_dial = a.keeps(&a_to_b, true);
+            assert_eq!(a_keeps_its_dial, b.keeps(&b_from_a, false));
+            // The one b dialed: kept exactly when a's is not.
+            assert_eq!(b.keeps(&b_to_a, true), a.keeps(&a_from_b, false));
+            assert_ne!(a_keeps_its_dial, b.keeps(&b_to_a, true));
+        }
+    }
 }
