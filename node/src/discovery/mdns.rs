@@ -6,7 +6,7 @@
 //! is ever dialed over that TCP listener; it exists so mDNS has an address to announce.
 //!
 //! The query interval is 30 s (every node answers every query, so the traffic grows with the
-//! square of the fleet: at 2 s, 32 idle nodes sent 2 KB/s each), the ttl is 3x that, loopback
+//! square of the fleet; ARCHITECTURE.md has the idle numbers), the ttl is 3x that, loopback
 //! and IPv6 addresses are dropped, and a vanished peer is noticed by its QUIC connection long
 //! before mDNS expires it.
 

@@ -25,7 +25,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent request streams a peer may open on one connection.
 const MAX_STREAMS: u32 = 1024;
 /// Per-stream receive window: enough for one stream to fill a 10 Gbit link at 1 ms RTT. The
-/// connection's window (tuned, see [`tune_receive_window`]) is what binds.
+/// connection's window (tuned, see [`tune_receive_windows`]) is what binds.
 const STREAM_WINDOW: u32 = 8 << 20;
 /// Packets a peer may receive before it must acknowledge them (it also acknowledges on a timer
 /// of about one round trip). With QUIC's default of 2, ACK-only packets for what a node uploads
