@@ -295,17 +295,29 @@ impl PartialBlob {
         // Held across the positional writes, so `complete` never records an mtime that a late
         // duplicate write (endgame) then changes.
         let gate = self.io_gate.read().expect("io gate poisoned");
-        let (complete, have) = {
+        // Which leaves are here already, looked up without copying `have` (a binary search of
+        // its boundaries per leaf: it can hold thousands of ranges).
+        let here: Vec<bool> = {
             let state = self.lock();
-            (state.complete, state.have.clone())
+            if state.complete {
+                return Ok(Written {
+                    new: 0,
+                    duplicate: leaf_bytes(items),
+                });
+            }
+            items
+                .iter()
+                .map(|item| match item {
+                    BaoContentItem::Leaf(leaf) => {
+                        contains(&state.have, &leaf_chunks(leaf.offset, leaf.data.len()))
+                    }
+                    BaoContentItem::Parent(_) => false,
+                })
+                .collect()
         };
         let mut written = Written::default();
-        if complete {
-            written.duplicate = leaf_bytes(items);
-            return Ok(written);
-        }
         let mut added = ChunkRanges::empty();
-        for item in items {
+        for (item, here) in items.iter().zip(here) {
             match item {
                 BaoContentItem::Parent(parent) => {
                     let mut ob = PostOrderOutboard {
@@ -318,7 +330,7 @@ impl PartialBlob {
                 }
                 BaoContentItem::Leaf(leaf) => {
                     let range = leaf_chunks(leaf.offset, leaf.data.len());
-                    if covers(&have, &range) {
+                    if here {
                         // Already here (a duplicate from the endgame): nothing to write.
                         written.duplicate += leaf.data.len() as u64;
                         continue;
@@ -466,8 +478,16 @@ fn leaf_bytes(items: &[BaoContentItem]) -> u64 {
         .sum()
 }
 
-fn covers(have: &ChunkRanges, range: &ChunkRanges) -> bool {
-    (range.clone() - have).is_empty()
+/// Whether `have` holds every chunk of the single range `range`: a binary search of its
+/// boundaries, not a merge of the two sets.
+fn contains(have: &ChunkRanges, range: &ChunkRanges) -> bool {
+    let (Some(start), Some(end)) = (range.boundaries().first(), range.boundaries().get(1)) else {
+        return range.is_empty();
+    };
+    let bounds = have.boundaries();
+    // The last boundary at or before `start` must open a range that reaches `end`.
+    let at = bounds.partition_point(|b| b <= start);
+    at % 2 == 1 && bounds.get(at).is_none_or(|stop| stop >= end)
 }
 
 fn sync(file: &fs::File, path: &std::path::Path) -> Result<(), StoreError> {
@@ -530,5 +550,30 @@ impl positioned_io::WriteAt for WriteAtFile<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contains_agrees_with_a_set_difference() {
+        let r = |a: u64, b: u64| ChunkRanges::from(ChunkNum(a)..ChunkNum(b));
+        let have = r(0, 16) | r(32, 64) | r(80, 96);
+        for start in 0..100 {
+            for end in start + 1..110 {
+                let range = r(start, end);
+                assert_eq!(
+                    contains(&have, &range),
+                    (range.clone() - &have).is_empty(),
+                    "{start}..{end}"
+                );
+            }
+        }
+        assert!(!contains(&ChunkRanges::empty(), &r(0, 1)));
+        let open = ChunkRanges::from(ChunkNum(10)..);
+        assert!(contains(&open, &r(10, 1000)));
+        assert!(!contains(&open, &r(9, 11)));
     }
 }
