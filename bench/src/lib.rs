@@ -35,6 +35,68 @@ pub fn proc_cpu_secs(pid: u32) -> Result<f64> {
     Ok(ticks / clk_tck())
 }
 
+/// Waits for `child` and returns its exit status, CPU seconds (user + system) and peak RSS in
+/// bytes. CPU comes from the kernel's accounting of that one process; the peak RSS is its
+/// `VmHWM`, read every 50 ms until it exits (the kernel's `ru_maxrss` would include the RSS
+/// this process had when it forked the child).
+pub fn wait_measured(
+    child: &mut std::process::Child,
+) -> Result<(std::process::ExitStatus, f64, u64)> {
+    use std::os::unix::process::ExitStatusExt;
+    let pid = child.id();
+    let mut peak = 0;
+    loop {
+        if let Ok(hwm) = proc_peak_rss(pid) {
+            peak = peak.max(hwm);
+        }
+        // SAFETY: waitid writes only the struct we pass; WNOWAIT leaves the child unreaped.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is set by waitid when a child changed state (0 otherwise).
+        if rc < 0 || unsafe { info.si_pid() } != 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut status = 0;
+    // SAFETY: wait4 writes only the status and the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    Ok((std::process::ExitStatus::from_raw(status), cpu, peak))
+}
+
+/// The peak RSS of a running process so far (`VmHWM`), in bytes.
+pub fn proc_peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// Makes a sparse file of `size` bytes (all zeros, no disk blocks): `mesh add` hashes it in
+/// place, so the biggest files cost only the receiver's copy.
+pub fn make_sparse_file(path: &Path, size: u64) -> Result<()> {
+    std::fs::File::create(path)?.set_len(size)?;
+    Ok(())
+}
+
 /// CPU seconds used by all waited-for children of this process.
 pub fn children_cpu_secs() -> f64 {
     // SAFETY: getrusage only writes the struct we pass.

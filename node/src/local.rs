@@ -374,7 +374,7 @@ impl LocalNode {
             Self::Embedded(e) => {
                 let node = e.node().await?;
                 tokio::time::sleep(listen_for).await;
-                Ok(node.fetcher().peers.table())
+                Ok(node.fetcher().peers.table().await)
             }
         }
     }

@@ -160,6 +160,30 @@ impl Node {
             open_mode: config.mesh_key.is_none(),
             danger_corrupt_uploads,
         };
+        if let Some(mut dialed) = peers.dialed_connections() {
+            // Peers use the connections we dialed as much as the ones they dialed.
+            let provider = provider.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(
+                async move {
+                    loop {
+                        let conn = tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            conn = dialed.recv() => conn,
+                        };
+                        let Some(conn) = conn else { break };
+                        let (provider, cancel) = (provider.clone(), cancel.clone());
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                _ = provider.serve(conn) => {}
+                            }
+                        });
+                    }
+                }
+                .in_current_span(),
+            );
+        }
         tasks.spawn(
             accept_loop(net.clone(), provider, metrics.clone(), cancel.clone()).in_current_span(),
         );
@@ -298,6 +322,7 @@ async fn accept_loop(
                         return;
                     }
                 }
+                provider.peers.accepted(conn.clone());
                 tokio::select! {
                     _ = cancel.cancelled() => {}
                     _ = provider.serve(conn) => {}

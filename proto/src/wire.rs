@@ -52,6 +52,8 @@ pub const CLOSE_AUTH_FAILED: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 2;
 /// Connection close code: the node is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 3;
+/// Connection close code: the two nodes also hold another connection, which they keep.
+pub const CLOSE_DUPLICATE: u32 = 4;
 /// Stream reset code: the provider's copy of the blob failed its own verification.
 pub const RESET_SOURCE_CORRUPT: u32 = 16;
 /// Stream reset code: the provider hit a local I/O error.

@@ -26,6 +26,12 @@ struct Opt {
     /// Skip the namespace case.
     #[arg(long)]
     loopback_only: bool,
+    /// Skip the TCP copies (for sizes whose second copy would not fit on the disk).
+    #[arg(long)]
+    no_tcp: bool,
+    /// A sparse test file (zeros): only the copies take disk space. Use for 16 GiB.
+    #[arg(long)]
+    sparse: bool,
     /// Work folder (default: a temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -47,6 +53,8 @@ struct Row {
     secs: f64,
     sender_cpu: f64,
     receiver_cpu: f64,
+    /// Peak RSS of sender and receiver, for mesh.
+    rss: Option<(u64, u64)>,
 }
 
 fn main() -> Result<()> {
@@ -62,7 +70,11 @@ fn main() -> Result<()> {
     let size = opt.size_mib << 20;
     let file = dir.join("weights.bin");
     eprintln!("making a {} MiB test file", opt.size_mib);
-    make_file(&file, size)?;
+    if opt.sparse {
+        make_sparse_file(&file, size)?;
+    } else {
+        make_file(&file, size)?;
+    }
     let want = file_hash(&file)?;
 
     let seed_home = dir.join("seed");
@@ -95,7 +107,9 @@ fn main() -> Result<()> {
         "127.0.0.1",
         want,
     )?);
-    rows.push(run_tcp(&dir, &file, "loopback", None, "127.0.0.1", want)?);
+    if !opt.no_tcp {
+        rows.push(run_tcp(&dir, &file, "loopback", None, "127.0.0.1", want)?);
+    }
     if !opt.loopback_only {
         if !mesh_tests::netlab::available() {
             eprintln!("SKIPPED the namespace case: needs root with ip and tc");
@@ -112,19 +126,26 @@ fn main() -> Result<()> {
                 &lab.addr(1),
                 want,
             )?);
-            rows.push(run_tcp(&dir, &file, &case, Some(&lab), &lab.addr(1), want)?);
+            if !opt.no_tcp {
+                rows.push(run_tcp(&dir, &file, &case, Some(&lab), &lab.addr(1), want)?);
+            }
         }
     }
     println!("\n{} MiB, one sender to one receiver", opt.size_mib);
-    println!("| case | tool | seconds | MB/s | sender CPU-s | receiver CPU-s | time vs TCP |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| case | tool | seconds | MB/s | sender CPU-s | receiver CPU-s | time vs TCP | CPU vs TCP (send / recv) | peak RSS MB (send / recv) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         let tcp = rows
             .iter()
             .find(|r| r.case == row.case && r.tool == "tcp copy")
             .map(|r| r.secs);
+        let tcp_row = rows
+            .iter()
+            .find(|r| r.case == row.case && r.tool == "tcp copy");
         println!(
-            "| {} | {} | {:.2} | {:.1} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {:.2} | {:.1} | {:.2} | {:.2} | {} | {} | {} |",
             row.case,
             row.tool,
             row.secs,
@@ -132,7 +153,17 @@ fn main() -> Result<()> {
             row.sender_cpu,
             row.receiver_cpu,
             tcp.map(|t| format!("{:.2}x", row.secs / t))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            tcp_row
+                .map(|t| format!(
+                    "{:.1}x / {:.1}x",
+                    row.sender_cpu / t.sender_cpu,
+                    row.receiver_cpu / t.receiver_cpu
+                ))
+                .unwrap_or_default(),
+            row.rss
+                .map(|(s, r)| format!("{:.0} / {:.0}", s as f64 / 1e6, r as f64 / 1e6))
+                .unwrap_or_default(),
         );
     }
     Ok(())
@@ -167,35 +198,41 @@ fn run_mesh(
             "node",
             "--no-mdns",
             "--listen",
-            &format!("{listen_ip}:7341"),
+            &format!("{listen_ip}:0"),
             "--api",
             "127.0.0.1:0",
         ])
         .stderr(Stdio::null())
         .spawn()?;
-    wait_for(&seed_home.join("node.json"), &mut seed)?;
+    // The port the OS gave the seed (a fixed one may be taken by another node on the box).
+    let info = wait_for(&seed_home.join("node.json"), &mut seed)?;
+    let port = info["listen"]
+        .as_str()
+        .and_then(|l| l.rsplit(':').next())
+        .context("node.json has no listen address")?
+        .to_string();
     let fetch_home = dir.join(format!("fetch-{}", case.replace(' ', "_")));
     let out = dir.join(format!("out-{}", case.replace(' ', "_")));
     let _ = std::fs::remove_dir_all(&fetch_home);
     let _ = std::fs::remove_dir_all(&out);
     let seed_cpu0 = proc_cpu_secs(seed.id())?;
-    let child_cpu0 = children_cpu_secs();
     let t = Instant::now();
-    let status = spawn_in(lab, 2, &mesh_bin())
+    let mut fetch = spawn_in(lab, 2, &mesh_bin())
         .env("MESH_HOME", &fetch_home)
         .args([
             "fetch",
             "bench",
             "--peer",
-            &format!("{dial_ip}:7341"),
+            &format!("{dial_ip}:{port}"),
             "--to",
         ])
         .arg(&out)
         .stdout(Stdio::null())
-        .status()?;
+        .spawn()?;
+    let (status, receiver_cpu, receiver_rss) = wait_measured(&mut fetch)?;
     let secs = t.elapsed().as_secs_f64();
-    let receiver_cpu = children_cpu_secs() - child_cpu0;
     let sender_cpu = proc_cpu_secs(seed.id())? - seed_cpu0;
+    let sender_rss = proc_peak_rss(seed.id())?;
     let _ = seed.kill();
     let _ = seed.wait();
     if !status.success() {
@@ -205,12 +242,14 @@ fn run_mesh(
         bail!("mesh copy differs in case {case}");
     }
     std::fs::remove_dir_all(&fetch_home)?;
+    std::fs::remove_dir_all(&out)?;
     Ok(Row {
         case: case.into(),
         tool: "mesh",
         secs,
         sender_cpu,
         receiver_cpu,
+        rss: Some((sender_rss, receiver_rss)),
     })
 }
 
@@ -256,16 +295,20 @@ fn run_tcp(
         secs,
         sender_cpu,
         receiver_cpu,
+        rss: None,
     })
 }
 
-fn wait_for(path: &Path, child: &mut Child) -> Result<()> {
+/// Waits until the node wrote its `node.json`, and returns it.
+fn wait_for(path: &Path, child: &mut Child) -> Result<serde_json::Value> {
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
-    while !path.exists() {
+    loop {
+        if let Ok(info) = serde_json::from_slice(&std::fs::read(path).unwrap_or_default()) {
+            return Ok(info);
+        }
         if child.try_wait()?.is_some() || Instant::now() > deadline {
             bail!("mesh node did not start");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(())
 }

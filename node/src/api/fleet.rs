@@ -174,7 +174,7 @@ async fn fleet(State(state): State<ApiState>) -> Response {
     };
     let mut models: Vec<ModelInfo> = entries.iter().map(lifecycle::model_info).collect();
     models.sort_by(|a, b| a.name.cmp(&b.name));
-    let peers = state.fetcher.peers.table();
+    let peers = state.fetcher.peers.table().await;
     let sampled = state.rates.inner.lock().expect("rates lock");
     let hf_bytes = state.fetcher.limits.hf_bytes();
     let transfers = state

@@ -279,7 +279,7 @@ async fn add(
 }
 
 async fn peers(State(state): State<ApiState>) -> Json<Vec<PeerInfo>> {
-    Json(state.fetcher.peers.table())
+    Json(state.fetcher.peers.table().await)
 }
 
 /// The body of `POST /v1/fetch`.

@@ -51,15 +51,11 @@ pub(super) fn series(state: &ApiState) -> String {
     // Live counters (the peer table's totals are a second old).
     let peer_set = &state.fetcher.peers;
     let mut peers: Vec<(String, u64, u64)> = peer_set
-        .table()
-        .iter()
-        .map(|p| {
-            let c = peer_set.counters(p.addr);
-            (
-                format!("peer=\"{}\"", p.addr),
-                get(&c.received),
-                get(&c.sent),
-            )
+        .addrs()
+        .into_iter()
+        .map(|addr| {
+            let c = peer_set.counters(addr);
+            (format!("peer=\"{addr}\""), get(&c.received), get(&c.sent))
         })
         .collect();
     peers.sort_by_key(|p| std::cmp::Reverse(p.1 + p.2));

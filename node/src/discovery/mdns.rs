@@ -5,9 +5,10 @@
 //! node's QUIC (UDP) socket, and a discovered `/ip4/A/tcp/P` means "dial QUIC at A:P". Nothing
 //! is ever dialed over that TCP listener; it exists so mDNS has an address to announce.
 //!
-//! Per `NOTES-libp2p-mdns.md`: the query interval is 2 s (the default 5 min leaves a peer
-//! unseen after a start-up race), the ttl is 3x that, loopback and IPv6 addresses are dropped,
-//! and a vanished peer is noticed by its QUIC connection before mDNS expires it.
+//! The query interval is 30 s (every node answers every query, so the traffic grows with the
+//! square of the fleet; ARCHITECTURE.md has the idle numbers), the ttl is 3x that, loopback
+//! and IPv6 addresses are dropped, and a vanished peer is noticed by its QUIC connection long
+//! before mDNS expires it.
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
@@ -17,10 +18,13 @@ use tracing::{debug, info, warn};
 
 use super::{AddrSource, Discovery};
 
-/// mDNS query interval.
-const QUERY_INTERVAL: Duration = Duration::from_secs(2);
+/// mDNS query interval. Responses are multicast, so every node's query refreshes every
+/// record for all; at start libp2p probes at 0.5, 1, 2, ... s until a peer answers. A node
+/// nobody has seen yet dials the ones it found, and connections dialed to a node count for it
+/// ([`super::Peers::accepted`]), so a long interval delays no connection.
+const QUERY_INTERVAL: Duration = Duration::from_secs(30);
 /// mDNS record ttl: three query intervals.
-const TTL: Duration = Duration::from_secs(6);
+const TTL: Duration = Duration::from_secs(90);
 
 /// Peers seen on the LAN: libp2p peer id (text) -> QUIC address.
 type Seen = BTreeMap<String, SocketAddr>;

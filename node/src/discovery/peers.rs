@@ -1,10 +1,17 @@
 //! The peer set: keeps one authenticated QUIC connection to every address in the
 //! [`Discovery`] view, drops it when the connection dies, and redials with backoff.
 //!
+//! **One connection per pair of nodes.** A connection a peer dialed to us counts as well as
+//! one we dialed ([`Peers::accepted`]): we don't dial a peer that is connected to us, and
+//! fetches use either. When two nodes dial each other at once, both keep the connection
+//! dialed by the node with the smaller certificate ([`Net::keeps`]) and close the other after
+//! [`DUPLICATE_GRACE`], once requests on it had time to finish.
+//!
 //! The connection, not mDNS, is how a vanished peer is noticed: mDNS sends no goodbye, while a
-//! dead QUIC connection times out after the idle timeout (10 s with keep-alives every 2 s).
-//! Besides the connections it keeps, per peer, the models it holds (asked every few seconds)
-//! and transfer rates, for `mesh peers`.
+//! dead QUIC connection times out after the idle timeout (10 s, with keep-alives on idle
+//! connections every 4 s). Besides the connections it keeps, per peer, the models it holds
+//! (asked when someone looks, at most every [`MODELS_FRESH`]) and transfer rates, for
+//! `mesh peers`.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -16,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_proto::wire::{ModelSummary, Request, Response};
+use mesh_proto::wire::{ModelSummary, Request, Response, CLOSE_DUPLICATE};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -27,12 +34,20 @@ use crate::net::{read_frame, write_frame, ConnectError, Net, StreamError};
 
 /// How often the set is reconciled (dials retried, models refreshed, rates computed).
 const TICK: Duration = Duration::from_secs(1);
-/// Wait before redialing a peer that failed.
+/// Wait before redialing a peer that failed; it doubles with every failure in a row, up to
+/// [`RETRY_MAX`].
 const RETRY_AFTER: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Wait before redialing a peer that refused our mesh key.
 const RETRY_WRONG_KEY_AFTER: Duration = Duration::from_secs(30);
-/// How often each peer's model list is refreshed.
-const MODELS_EVERY: Duration = Duration::from_secs(5);
+/// A peer's model list is asked again only when it is older than this.
+const MODELS_FRESH: Duration = Duration::from_secs(5);
+/// How long the peer table waits for model lists.
+const MODELS_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection that another one would replace has to answer, to show it is alive.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the losing one of two connections between the same nodes stays open.
+const DUPLICATE_GRACE: Duration = Duration::from_secs(5);
 
 /// The live connections, by peer address.
 pub type Connections = BTreeMap<SocketAddr, quinn::Connection>;
@@ -98,16 +113,22 @@ struct Inner {
     counters: Mutex<HashMap<SocketAddr, Arc<PeerCounters>>>,
     /// What `mesh peers` shows. A std mutex: only replaced or cloned.
     table: Mutex<BTreeMap<SocketAddr, PeerInfo>>,
+    /// Per connected address: whether we dialed the connection in `conns`.
+    dialed: Mutex<HashMap<SocketAddr, bool>>,
+    /// Per peer: its model names, and when they were asked for.
+    models: Mutex<HashMap<SocketAddr, (Vec<HeldModel>, Instant)>>,
+    /// Every connection we dial, for the node to serve requests on (the peer may use it as
+    /// its only connection to us).
+    dialed_tx: tokio::sync::mpsc::UnboundedSender<quinn::Connection>,
+    dialed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>>>,
 }
 
 /// The peer set's own loop state.
 #[derive(Default)]
 struct Upkeep {
-    /// When to dial an address that failed again.
-    retry_at: HashMap<SocketAddr, Instant>,
+    /// When to dial an address that failed again, and the wait that led there.
+    retry_at: HashMap<SocketAddr, (Instant, Duration)>,
     dialing: HashSet<SocketAddr>,
-    /// When each peer's model list was last asked for.
-    models_asked: HashMap<SocketAddr, Instant>,
     /// Each peer's byte totals at the last tick, for rates.
     last_totals: HashMap<SocketAddr, (u64, u64)>,
 }
@@ -115,6 +136,7 @@ struct Upkeep {
 impl Peers {
     /// Starts keeping connections to every address `discovery` knows.
     pub fn spawn(net: Net, discovery: Discovery, cancel: CancellationToken) -> Self {
+        let (dialed_tx, dialed_rx) = tokio::sync::mpsc::unbounded_channel();
         let peers = Self {
             inner: Arc::new(Inner {
                 net,
@@ -122,6 +144,10 @@ impl Peers {
                 conns: watch::channel(Connections::new()).0,
                 counters: Mutex::default(),
                 table: Mutex::default(),
+                dialed: Mutex::default(),
+                models: Mutex::default(),
+                dialed_tx,
+                dialed_rx: Mutex::new(Some(dialed_rx)),
             }),
         };
         tokio::spawn(peers.clone().run(cancel));
@@ -139,10 +165,87 @@ impl Peers {
         map.entry(addr).or_default().clone()
     }
 
-    /// The table `mesh peers` prints.
-    pub fn table(&self) -> Vec<PeerInfo> {
+    /// Every address known or connected, as of the last tick (no network round trip).
+    pub fn addrs(&self) -> Vec<SocketAddr> {
         let table = self.inner.table.lock().expect("table lock poisoned");
-        table.values().cloned().collect()
+        table.keys().copied().collect()
+    }
+
+    /// The table `mesh peers` prints, with model lists asked for now where they are older
+    /// than [`MODELS_FRESH`] (nothing is asked while nobody looks).
+    pub async fn table(&self) -> Vec<PeerInfo> {
+        self.refresh_models().await;
+        let models = self.inner.models.lock().expect("models lock poisoned");
+        let table = self.inner.table.lock().expect("table lock poisoned");
+        table
+            .values()
+            .map(|row| PeerInfo {
+                models: models
+                    .get(&row.addr)
+                    .map(|(held, _)| held.iter().map(|m| m.name.clone()).collect())
+                    .unwrap_or_default(),
+                held: models
+                    .get(&row.addr)
+                    .map(|(held, _)| held.clone())
+                    .unwrap_or_default(),
+                ..row.clone()
+            })
+            .collect()
+    }
+
+    /// Asks every connected peer whose model list is stale for it, at once, waiting at most
+    /// [`MODELS_TIMEOUT`].
+    async fn refresh_models(&self) {
+        let conns = self.inner.conns.borrow().clone();
+        let stale: Vec<(SocketAddr, quinn::Connection)> = {
+            let models = self.inner.models.lock().expect("models lock poisoned");
+            conns
+                .into_iter()
+                .filter(|(addr, _)| {
+                    models
+                        .get(addr)
+                        .is_none_or(|(_, at)| at.elapsed() >= MODELS_FRESH)
+                })
+                .collect()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (addr, conn) in stale {
+            asks.spawn(async move {
+                let list = tokio::time::timeout(MODELS_TIMEOUT, ask_models(&conn)).await;
+                (addr, list)
+            });
+        }
+        while let Some(joined) = asks.join_next().await {
+            if let Ok((addr, Ok(Ok(list)))) = joined {
+                let held = list
+                    .into_iter()
+                    .map(|m| HeldModel {
+                        name: m.name,
+                        size: m.size,
+                        complete: m.complete,
+                    })
+                    .collect();
+                let mut models = self.inner.models.lock().expect("models lock poisoned");
+                models.insert(addr, (held, Instant::now()));
+            }
+        }
+    }
+
+    /// The connections this set dials, as they come up: requests arrive on them too, and
+    /// someone must serve them. Only the first call gets them.
+    pub fn dialed_connections(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>> {
+        self.inner
+            .dialed_rx
+            .lock()
+            .expect("dialed receiver lock poisoned")
+            .take()
+    }
+
+    /// A connection a peer dialed to us passed the membership handshake: fetches may use it.
+    pub fn accepted(&self, conn: quinn::Connection) {
+        self.offer(conn.remote_address(), conn, false);
     }
 
     /// Adds `addrs` as explicit peers, dials them now, and reports each failure.
@@ -152,7 +255,7 @@ impl Peers {
             // Dialed before it joins the view, so the peer set doesn't dial it a second time.
             if !self.inner.conns.borrow().contains_key(&addr) {
                 match self.inner.net.connect(addr).await {
-                    Ok(conn) => self.insert(addr, conn),
+                    Ok(conn) => self.offer(addr, conn, true),
                     Err(e) => {
                         warn!("{e}");
                         errors.push(e);
@@ -164,8 +267,51 @@ impl Peers {
         errors
     }
 
-    fn insert(&self, addr: SocketAddr, conn: quinn::Connection) {
-        info!(%addr, "connected to peer");
+    /// Takes `conn` to `addr` (dialed by us or by the peer) as the connection to that peer,
+    /// unless we hold another one that stays ([`Net::keeps`]): of two connections dialed the
+    /// same way the newer stays (the older one's peer went away and came back).
+    fn offer(&self, addr: SocketAddr, conn: quinn::Connection, dialed_by_us: bool) {
+        if dialed_by_us {
+            // Served until it closes, whichever connection stays.
+            let _ = self.inner.dialed_tx.send(conn.clone());
+        }
+        self.take(addr, conn, dialed_by_us);
+    }
+
+    /// [`Peers::offer`] for a connection that is already being served.
+    fn take(&self, addr: SocketAddr, conn: quinn::Connection, dialed_by_us: bool) {
+        let mut dialed = self.inner.dialed.lock().expect("dialed lock poisoned");
+        let current = self.inner.conns.borrow().get(&addr).cloned();
+        let keep_new = match &current {
+            Some(old) if old.stable_id() == conn.stable_id() => return,
+            Some(old) if old.close_reason().is_none() => {
+                let old_dialed_by_us = dialed.get(&addr).copied().unwrap_or(true);
+                old_dialed_by_us == dialed_by_us || self.inner.net.keeps(&conn, dialed_by_us)
+            }
+            _ => true,
+        };
+        if let (false, Some(old)) = (keep_new, current.clone()) {
+            // The old one stays, if it is alive: a peer that restarted and dialed us leaves a
+            // dead connection behind, which only its idle timeout would end.
+            debug!(%addr, "a second connection to a connected peer: keeping the first");
+            let this = self.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(PROBE_TIMEOUT, ask_models(&old)).await {
+                    Ok(Ok(_)) => retire(conn),
+                    _ => {
+                        old.close(CLOSE_DUPLICATE.into(), b"no answer");
+                        this.take(addr, conn, dialed_by_us);
+                    }
+                }
+            });
+            return;
+        }
+        if let Some(old) = current {
+            retire(old);
+        }
+        dialed.insert(addr, dialed_by_us);
+        drop(dialed);
+        info!(%addr, incoming = !dialed_by_us, "connected to peer");
         let watcher = conn.clone();
         self.inner.conns.send_modify(|c| {
             c.insert(addr, conn);
@@ -196,15 +342,21 @@ impl Peers {
                 Some((addr, result)) = dial_rx.recv() => {
                     upkeep.dialing.remove(&addr);
                     match result {
-                        Ok(conn) => self.insert(addr, conn),
+                        Ok(conn) => {
+                            upkeep.retry_at.remove(&addr);
+                            self.offer(addr, conn, true);
+                        }
                         Err(e) => {
                             debug!("{e}");
                             let wait = if matches!(e, ConnectError::WrongKey(_)) {
                                 RETRY_WRONG_KEY_AFTER
                             } else {
-                                RETRY_AFTER
+                                upkeep
+                                    .retry_at
+                                    .get(&addr)
+                                    .map_or(RETRY_AFTER, |(_, last)| (*last * 2).min(RETRY_MAX))
                             };
-                            upkeep.retry_at.insert(addr, Instant::now() + wait);
+                            upkeep.retry_at.insert(addr, (Instant::now() + wait, wait));
                         }
                     }
                     continue;
@@ -214,7 +366,6 @@ impl Peers {
             let known = merged(&sources.borrow());
             let conns = self.inner.conns.borrow().clone();
             self.dial_missing(&known, &conns, &mut upkeep, &dial_tx);
-            self.refresh_models(&conns, &mut upkeep);
             self.rebuild_table(&known, &conns, &mut upkeep);
         }
     }
@@ -235,7 +386,7 @@ impl Peers {
             if upkeep
                 .retry_at
                 .get(&addr)
-                .is_some_and(|t| *t > Instant::now())
+                .is_some_and(|(t, _)| *t > Instant::now())
             {
                 continue;
             }
@@ -244,39 +395,6 @@ impl Peers {
             let tx = dial_tx.clone();
             tokio::spawn(async move {
                 let _ = tx.send((addr, net.connect(addr).await)).await;
-            });
-        }
-    }
-
-    /// Asks each connected peer for its model list every [`MODELS_EVERY`].
-    fn refresh_models(&self, conns: &Connections, upkeep: &mut Upkeep) {
-        for (&addr, conn) in conns {
-            let stale = upkeep
-                .models_asked
-                .get(&addr)
-                .is_none_or(|at| at.elapsed() >= MODELS_EVERY);
-            if !stale {
-                continue;
-            }
-            upkeep.models_asked.insert(addr, Instant::now());
-            let conn = conn.clone();
-            let this = self.clone();
-            tokio::spawn(async move {
-                if let Ok(list) = ask_models(&conn).await {
-                    let names = list.iter().map(|m| m.name.clone()).collect();
-                    let mut table = this.inner.table.lock().expect("table lock poisoned");
-                    if let Some(row) = table.get_mut(&addr) {
-                        row.models = names;
-                        row.held = list
-                            .into_iter()
-                            .map(|m| HeldModel {
-                                name: m.name,
-                                size: m.size,
-                                complete: m.complete,
-                            })
-                            .collect();
-                    }
-                }
             });
         }
     }
@@ -322,11 +440,8 @@ impl Peers {
                 addr,
                 source: source.into(),
                 connected: conns.contains_key(&addr),
-                models: table
-                    .get(&addr)
-                    .map(|r| r.models.clone())
-                    .unwrap_or_default(),
-                held: table.get(&addr).map(|r| r.held.clone()).unwrap_or_default(),
+                models: Vec::new(),
+                held: Vec::new(),
                 rate_in: ((received - last_in) as f64 / secs) as u64,
                 rate_out: ((sent - last_out) as f64 / secs) as u64,
                 received,
@@ -336,6 +451,19 @@ impl Peers {
         }
         *table = next;
     }
+}
+
+/// Closes the losing one of two connections between the same nodes, after requests on it had
+/// [`DUPLICATE_GRACE`] to finish.
+fn retire(conn: quinn::Connection) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(DUPLICATE_GRACE) => {
+                conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
+            }
+            _ = conn.closed() => {}
+        }
+    });
 }
 
 /// Asks a peer which models it holds.

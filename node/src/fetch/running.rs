@@ -126,7 +126,7 @@ impl Transfer {
 
 /// Verified bytes received so far from every peer known or connected, read live.
 fn received_by_peer(peers: &Peers) -> HashMap<SocketAddr, u64> {
-    let mut addrs: Vec<SocketAddr> = peers.table().iter().map(|p| p.addr).collect();
+    let mut addrs: Vec<SocketAddr> = peers.addrs();
     addrs.extend(peers.connections().borrow().keys().copied());
     addrs
         .into_iter()

@@ -17,18 +17,22 @@ use serde::{de::DeserializeOwned, Serialize};
 /// How long a dial (QUIC handshake plus membership proof) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alive interval; with [`IDLE_TIMEOUT`] it bounds how long a dead peer goes unnoticed.
-const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// quinn sends one only when nothing arrived for this long: busy connections carry none, and
+/// an idle pair exchanges one PING and its ACK per interval.
+const KEEP_ALIVE: Duration = Duration::from_secs(4);
 /// A connection with no traffic (not even keep-alives) for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent request streams a peer may open on one connection.
 const MAX_STREAMS: u32 = 1024;
 /// Per-stream receive window: enough for one stream to fill a 10 Gbit link at 1 ms RTT. The
-/// connection's window (tuned, see [`tune_receive_window`]) is what binds.
+/// connection's window (tuned, see [`tune_receive_windows`]) is what binds.
 const STREAM_WINDOW: u32 = 8 << 20;
 /// Packets a peer may receive before it must acknowledge them (it also acknowledges on a timer
 /// of about one round trip). With QUIC's default of 2, ACK-only packets for what a node uploads
 /// took 1.1% of its downlink in the swarm benchmark; with 9, 0.6%.
 const ACK_EVERY: u32 = 9;
+/// UDP socket buffer asked for each way.
+const SOCKET_BUFFER: usize = 8 << 20;
 /// Per-connection send buffer.
 const SEND_WINDOW: u32 = 32 << 20;
 /// The receive window a connection starts with and never goes below.
@@ -39,6 +43,8 @@ const MAX_RECEIVE_WINDOW: u32 = 32 << 20;
 const RECEIVE_WINDOW_TIME: Duration = Duration::from_millis(25);
 /// How often receive windows follow the measured rate.
 const WINDOW_TUNE_EVERY: Duration = Duration::from_millis(250);
+/// How often they are looked at while no connection receives anything.
+const WINDOW_TUNE_IDLE: Duration = Duration::from_secs(1);
 
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,10 @@ pub enum BindError {
 pub struct Net {
     endpoint: quinn::Endpoint,
     mesh_key: Option<Arc<str>>,
+    /// Our certificate, to decide which of two connections between the same nodes stays.
+    cert: Arc<[u8]>,
+    /// The connections whose receive windows follow their rate.
+    tuned: Arc<std::sync::Mutex<Vec<quinn::Connection>>>,
 }
 
 impl Net {
@@ -133,6 +143,7 @@ impl Net {
         client.transport_config(transport.clone());
         let socket =
             std::net::UdpSocket::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
+        size_socket_buffers(&socket);
         let server = if accept {
             let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server)
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -147,9 +158,13 @@ impl Net {
             quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
                 .map_err(|source| BindError::Bind { addr, source })?;
         endpoint.set_default_client_config(client);
+        let tuned = Arc::default();
+        tokio::spawn(tune_receive_windows(Arc::downgrade(&tuned)));
         Ok(Self {
             endpoint,
             mesh_key: mesh_key.map(Arc::from),
+            cert: tls.cert.into(),
+            tuned,
         })
     }
 
@@ -218,7 +233,7 @@ impl Net {
             conn.close(CLOSE_AUTH_FAILED.into(), b"wrong mesh key");
             return Err(ConnectError::WrongKey(addr));
         }
-        tokio::spawn(tune_receive_window(conn.clone()));
+        self.tune(&conn);
         Ok(conn)
     }
 
@@ -257,7 +272,7 @@ impl Net {
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, run).await {
             Ok(Ok(())) => {
-                tokio::spawn(tune_receive_window(conn.clone()));
+                self.tune(conn);
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -273,10 +288,48 @@ impl Net {
         }
     }
 
+    fn tune(&self, conn: &quinn::Connection) {
+        self.tuned
+            .lock()
+            .expect("tuned connections lock poisoned")
+            .push(conn.clone());
+    }
+
+    /// Of two connections between the same two nodes (one dialed by each), whether `conn`
+    /// is the one both keep: the one dialed by the node with the smaller certificate. Both
+    /// nodes see both certificates, so both decide the same.
+    pub fn keeps(&self, conn: &quinn::Connection, dialed_by_us: bool) -> bool {
+        let theirs = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|certs| certs.first().map(|c| c.to_vec()))
+            .unwrap_or_default();
+        let we_are_smaller = *self.cert < *theirs;
+        dialed_by_us == we_are_smaller
+    }
+
     /// Closes every connection with `code` and waits until the peers were told.
     pub async fn close(&self, code: u32) {
         self.endpoint.close(code.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Asks for [`SOCKET_BUFFER`] bytes of kernel buffer each way (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`). The default (about 200 KiB) overflows when a burst of
+/// packets arrives while the receiving task is busy: each drop is a loss to QUIC.
+fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    for (what, result) in [
+        ("receive", sock.set_recv_buffer_size(SOCKET_BUFFER)),
+        ("send", sock.set_send_buffer_size(SOCKET_BUFFER)),
+    ] {
+        if let Err(e) = result {
+            tracing::debug!("cannot size the UDP {what} buffer: {e}");
+        }
     }
 }
 
@@ -300,35 +353,54 @@ fn transport_config() -> quinn::TransportConfig {
     config
 }
 
-/// Keeps `conn`'s receive window (what the peer may have in flight to us) at
+/// Keeps each connection's receive window (what the peer may have in flight to us) at
 /// [`RECEIVE_WINDOW_TIME`] of what we receive on it, and at least [`MIN_RECEIVE_WINDOW`], until
-/// the connection closes.
+/// the endpoint is dropped. One task for all connections, ticking every [`WINDOW_TUNE_EVERY`]
+/// while any of them receives and every [`WINDOW_TUNE_IDLE`] while none does.
 ///
 /// When many peers send to one node, each of them fills its congestion window, and together
 /// they overflow the queue in front of that node's downlink (the switch port): drops,
 /// retransmissions and halved windows. Bounding what each may have in flight to about
 /// [`RECEIVE_WINDOW_TIME`] of its own rate keeps that queue short and loss-free, while a peer
 /// that speeds up is granted more within a tick. ARCHITECTURE.md has the measurements.
-async fn tune_receive_window(conn: quinn::Connection) {
-    let mut last = conn.stats().udp_rx.bytes;
-    let mut window = u64::from(MIN_RECEIVE_WINDOW);
-    let mut tick = tokio::time::interval(WINDOW_TUNE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+async fn tune_receive_windows(conns: std::sync::Weak<std::sync::Mutex<Vec<quinn::Connection>>>) {
+    // Per connection (by stable id): bytes received at the last look, and the window set.
+    let mut seen: std::collections::HashMap<usize, (u64, u64, tokio::time::Instant)> =
+        std::collections::HashMap::new();
+    let mut wait = WINDOW_TUNE_IDLE;
     loop {
-        tokio::select! {
-            _ = conn.closed() => return,
-            _ = tick.tick() => {}
+        tokio::time::sleep(wait).await;
+        let Some(conns) = conns.upgrade() else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let mut busy = false;
+        let mut list = conns.lock().expect("tuned connections lock poisoned");
+        list.retain(|c| c.close_reason().is_none());
+        seen.retain(|id, _| list.iter().any(|c| c.stable_id() == *id));
+        for conn in list.iter() {
+            let received = conn.stats().udp_rx.bytes;
+            let (last, window, at) =
+                seen.entry(conn.stable_id())
+                    .or_insert((received, MIN_RECEIVE_WINDOW.into(), now));
+            let secs = now.saturating_duration_since(*at).as_secs_f64().max(1e-3);
+            let rate = received.saturating_sub(*last) as f64 / secs;
+            busy |= received > *last;
+            (*last, *at) = (received, now);
+            let want = ((rate * RECEIVE_WINDOW_TIME.as_secs_f64()) as u64)
+                .clamp(MIN_RECEIVE_WINDOW.into(), MAX_RECEIVE_WINDOW.into());
+            if want != *window {
+                *window = want;
+                conn.set_receive_window(
+                    quinn::VarInt::from_u64(want).expect("window fits a varint"),
+                );
+            }
         }
-        let received = conn.stats().udp_rx.bytes;
-        let rate = received.saturating_sub(last) as f64 / WINDOW_TUNE_EVERY.as_secs_f64();
-        last = received;
-        let want = ((rate * RECEIVE_WINDOW_TIME.as_secs_f64()) as u64)
-            .clamp(MIN_RECEIVE_WINDOW.into(), MAX_RECEIVE_WINDOW.into());
-        if want != window {
-            window = want;
-            conn.set_receive_window(quinn::VarInt::from_u64(want).expect("window fits a varint"));
-        }
+        wait = if busy {
+            WINDOW_TUNE_EVERY
+        } else {
+            WINDOW_TUNE_IDLE
+        };
     }
 }
 
@@ -370,4 +442,40 @@ pub async fn read_frame<T: DeserializeOwned>(
     let mut body = vec![0u8; frame_len(prefix)?];
     recv.read_exact(&mut body).await?;
     Ok(decode_body(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Net {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Net::bind(addr, &key.serialize_der(), Some("k".into()), true).unwrap()
+    }
+
+    /// Accepts one connection on `net` and runs the membership handshake.
+    async fn accept(net: &Net) -> quinn::Connection {
+        let conn = net.endpoint().accept().await.unwrap().await.unwrap();
+        net.authenticate(&conn).await.unwrap();
+        conn
+    }
+
+    /// Two nodes that dial each other at once hold two connections; both must keep the same
+    /// one, or each would close the other's choice and they would end up with none.
+    #[tokio::test]
+    async fn both_ends_of_a_double_dial_keep_the_same_connection() {
+        for _ in 0..4 {
+            let (a, b) = (node(), node());
+            let (a_to_b, b_from_a) = tokio::join!(a.connect(b.local_addr()), accept(&b));
+            let (b_to_a, a_from_b) = tokio::join!(b.connect(a.local_addr()), accept(&a));
+            let (a_to_b, b_to_a) = (a_to_b.unwrap(), b_to_a.unwrap());
+            // The connection a dialed, as each end sees it.
+            let a_keeps_its_dial = a.keeps(&a_to_b, true);
+            assert_eq!(a_keeps_its_dial, b.keeps(&b_from_a, false));
+            // The one b dialed: kept exactly when a's is not.
+            assert_eq!(b.keeps(&b_to_a, true), a.keeps(&a_from_b, false));
+            assert_ne!(a_keeps_its_dial, b.keeps(&b_to_a, true));
+        }
+    }
 }

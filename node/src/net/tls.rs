@@ -105,6 +105,8 @@ impl ClientCertVerifier for AnyCertHoldingItsKey {
 pub(crate) struct TlsConfigs {
     pub(crate) client: rustls::ClientConfig,
     pub(crate) server: rustls::ServerConfig,
+    /// The node's certificate (DER), as peers see it.
+    pub(crate) cert: Vec<u8>,
 }
 
 /// Builds client and server TLS 1.3 configs from the node's PKCS#8 ed25519 key.
@@ -116,6 +118,7 @@ pub(crate) fn configs(key_der: &[u8]) -> Result<TlsConfigs, rustls::Error> {
         .and_then(|params| params.self_signed(&key))
         .map_err(|e| rustls::Error::General(format!("certificate: {e}")))?;
     let cert = cert.der().clone();
+    let cert_der = cert.to_vec();
     let private = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der.to_vec()));
     let verifier = Arc::new(AnyCertHoldingItsKey(provider.clone()));
     let alpn = vec![mesh_proto::wire::ALPN.to_vec()];
@@ -132,5 +135,9 @@ pub(crate) fn configs(key_der: &[u8]) -> Result<TlsConfigs, rustls::Error> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![cert], private())?;
     server.alpn_protocols = alpn;
-    Ok(TlsConfigs { client, server })
+    Ok(TlsConfigs {
+        client,
+        server,
+        cert: cert_der,
+    })
 }

@@ -90,6 +90,37 @@ struct PartialState {
     pending: ChunkRanges,
 }
 
+impl PartialState {
+    /// Whether `chunks` (with `any`, one of them) are verified; an error when one that is
+    /// missing is no longer coming (neither verified nor pending).
+    fn verified(&self, chunks: &ChunkRanges, any: bool) -> io::Result<bool> {
+        let missing = chunks.clone() - &self.have;
+        if missing.is_empty() || (any && missing != *chunks) || self.complete {
+            return Ok(true);
+        }
+        // All of them must still be coming, or (with `any`) one of them.
+        let coming = if any {
+            !(missing & &self.pending).is_empty()
+        } else {
+            (missing - &self.pending).is_empty()
+        };
+        if !coming {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "chunks are no longer being fetched",
+            ));
+        }
+        Ok(false)
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "pending chunks did not arrive in time",
+    )
+}
+
 impl PartialBlob {
     pub(super) fn open(
         store: Store,
@@ -199,34 +230,36 @@ impl PartialBlob {
         let deadline = Instant::now() + FOLLOW_TIMEOUT;
         let mut state = self.lock();
         loop {
-            let missing = chunks.clone() - &state.have;
-            if missing.is_empty() || (any && missing != chunks) || state.complete {
+            if state.verified(&chunks, any)? {
                 return Ok(());
-            }
-            // All of them must still be coming, or (with `any`) one of them.
-            let coming = if any {
-                !(missing & &state.pending).is_empty()
-            } else {
-                (missing - &state.pending).is_empty()
-            };
-            if !coming {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "chunks are no longer being fetched",
-                ));
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "pending chunks did not arrive in time",
-                ));
+                return Err(timed_out());
             }
             state = self
                 .state_changed
                 .wait_timeout(state, deadline - now)
                 .expect("partial state lock poisoned")
                 .0;
+        }
+    }
+
+    /// [`PartialBlob::await_verified`] for async callers: waits on the change watch instead of
+    /// blocking a thread.
+    pub async fn wait_verified(&self, chunks: &ChunkRanges, any: bool) -> io::Result<()> {
+        let chunks = chunks & &ranges::all_chunks(self.size);
+        let deadline = tokio::time::Instant::now() + FOLLOW_TIMEOUT;
+        let mut changes = self.changed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if self.lock().verified(&chunks, any)? {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(_) => {}
+                Err(_) => return Err(timed_out()),
+            }
         }
     }
 
@@ -267,57 +300,85 @@ impl PartialBlob {
 
     /// Writes one item the bao decoder has verified. Returns the data bytes newly added.
     pub fn write(&self, item: &BaoContentItem) -> Result<u64, StoreError> {
-        // Held across the positional write, so `complete` never records an mtime that a late
+        self.write_batch(std::slice::from_ref(item)).map(|w| w.new)
+    }
+
+    /// Writes items the bao decoder has verified, in stream order (a parent pair before the
+    /// leaves below it), then adds their chunks to `have` and wakes subscribers once.
+    pub fn write_batch(&self, items: &[BaoContentItem]) -> Result<Written, StoreError> {
+        // Held across the positional writes, so `complete` never records an mtime that a late
         // duplicate write (endgame) then changes.
         let gate = self.io_gate.read().expect("io gate poisoned");
-        match item {
-            BaoContentItem::Parent(parent) => {
-                if self.is_complete() {
-                    return Ok(0);
-                }
-                let mut ob = PostOrderOutboard {
-                    root: self.hash.into(),
-                    tree: self.tree(),
-                    data: WriteAtFile(&self.outboard),
-                };
-                ob.save(parent.node, &parent.pair)
-                    .map_err(StoreError::io(&self.store.partial_path(self.hash, "obao")))?;
-                Ok(0)
+        // Which leaves are here already, looked up without copying `have` (a binary search of
+        // its boundaries per leaf: it can hold thousands of ranges).
+        let here: Vec<bool> = {
+            let state = self.lock();
+            if state.complete {
+                return Ok(Written {
+                    new: 0,
+                    duplicate: leaf_bytes(items),
+                });
             }
-            BaoContentItem::Leaf(leaf) => {
-                let start = ChunkNum(leaf.offset / mesh_proto::CHUNK_BYTES);
-                let end = ChunkNum((leaf.offset + leaf.data.len() as u64).div_ceil(1024))
-                    .max(ChunkNum(start.0 + 1));
-                let range = ChunkRanges::from(start..end);
-                {
-                    let state = self.lock();
-                    if state.complete || (range.clone() - &state.have).is_empty() {
+            items
+                .iter()
+                .map(|item| match item {
+                    BaoContentItem::Leaf(leaf) => {
+                        contains(&state.have, &leaf_chunks(leaf.offset, leaf.data.len()))
+                    }
+                    BaoContentItem::Parent(_) => false,
+                })
+                .collect()
+        };
+        let mut written = Written::default();
+        let mut added = ChunkRanges::empty();
+        for (item, here) in items.iter().zip(here) {
+            match item {
+                BaoContentItem::Parent(parent) => {
+                    let mut ob = PostOrderOutboard {
+                        root: self.hash.into(),
+                        tree: self.tree(),
+                        data: WriteAtFile(&self.outboard),
+                    };
+                    ob.save(parent.node, &parent.pair)
+                        .map_err(StoreError::io(&self.store.partial_path(self.hash, "obao")))?;
+                }
+                BaoContentItem::Leaf(leaf) => {
+                    let range = leaf_chunks(leaf.offset, leaf.data.len());
+                    if here {
                         // Already here (a duplicate from the endgame): nothing to write.
-                        return Ok(0);
+                        written.duplicate += leaf.data.len() as u64;
+                        continue;
                     }
-                }
-                if let Err(e) = self.data.write_all_at(&leaf.data, leaf.offset) {
-                    let e = StoreError::io(&self.store.partial_path(self.hash, "data"))(e);
-                    if super::disk_full(&e) {
-                        // Room for the checkpoint that records what did fit.
-                        self.store.release_reserve();
+                    if let Err(e) = self.data.write_all_at(&leaf.data, leaf.offset) {
+                        let e = StoreError::io(&self.store.partial_path(self.hash, "data"))(e);
+                        if super::disk_full(&e) {
+                            // Room for the checkpoint that records what did fit.
+                            self.store.release_reserve();
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
+                    added |= range;
                 }
-                let mut state = self.lock();
-                let new = ranges::byte_len(&(range - &state.have), self.size);
-                state.have |= ChunkRanges::from(start..end);
-                state.unsynced += new;
-                let due = state.unsynced >= CHECKPOINT_BYTES;
-                drop(state);
-                drop(gate);
-                self.notify();
-                if due {
-                    self.checkpoint()?;
-                }
-                Ok(new)
             }
         }
+        if added.is_empty() {
+            return Ok(written);
+        }
+        // Only now, with the bytes written, do they count as verified here.
+        let mut state = self.lock();
+        let new = ranges::byte_len(&(added.clone() - &state.have), self.size);
+        state.have |= added;
+        state.unsynced += new;
+        let due = state.unsynced >= CHECKPOINT_BYTES;
+        drop(state);
+        drop(gate);
+        written.new = new;
+        written.duplicate = leaf_bytes(items) - new;
+        self.notify();
+        if due {
+            self.checkpoint()?;
+        }
+        Ok(written)
     }
 
     /// Makes everything written so far durable and records it. Completes the blob if whole.
@@ -414,6 +475,45 @@ impl PartialBlob {
     }
 }
 
+/// What a [`PartialBlob::write_batch`] added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Data bytes new to this blob.
+    pub new: u64,
+    /// Data bytes it held already (sent twice, as in the endgame).
+    pub duplicate: u64,
+}
+
+/// The chunks a leaf at `offset` with `len` bytes covers (at least one, for the empty tail).
+fn leaf_chunks(offset: u64, len: usize) -> ChunkRanges {
+    let start = ChunkNum(offset / mesh_proto::CHUNK_BYTES);
+    let end = ChunkNum((offset + len as u64).div_ceil(mesh_proto::CHUNK_BYTES))
+        .max(ChunkNum(start.0 + 1));
+    ChunkRanges::from(start..end)
+}
+
+fn leaf_bytes(items: &[BaoContentItem]) -> u64 {
+    items
+        .iter()
+        .map(|item| match item {
+            BaoContentItem::Leaf(leaf) => leaf.data.len() as u64,
+            BaoContentItem::Parent(_) => 0,
+        })
+        .sum()
+}
+
+/// Whether `have` holds every chunk of the single range `range`: a binary search of its
+/// boundaries, not a merge of the two sets.
+fn contains(have: &ChunkRanges, range: &ChunkRanges) -> bool {
+    let (Some(start), Some(end)) = (range.boundaries().first(), range.boundaries().get(1)) else {
+        return range.is_empty();
+    };
+    let bounds = have.boundaries();
+    // The last boundary at or before `start` must open a range that reaches `end`.
+    let at = bounds.partition_point(|b| b <= start);
+    at % 2 == 1 && bounds.get(at).is_none_or(|stop| stop >= end)
+}
+
 fn sync(file: &fs::File, path: &std::path::Path) -> Result<(), StoreError> {
     file.sync_data().map_err(StoreError::io(path))
 }
@@ -474,5 +574,30 @@ impl positioned_io::WriteAt for WriteAtFile<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contains_agrees_with_a_set_difference() {
+        let r = |a: u64, b: u64| ChunkRanges::from(ChunkNum(a)..ChunkNum(b));
+        let have = r(0, 16) | r(32, 64) | r(80, 96);
+        for start in 0..100 {
+            for end in start + 1..110 {
+                let range = r(start, end);
+                assert_eq!(
+                    contains(&have, &range),
+                    (range.clone() - &have).is_empty(),
+                    "{start}..{end}"
+                );
+            }
+        }
+        assert!(!contains(&ChunkRanges::empty(), &r(0, 1)));
+        let open = ChunkRanges::from(ChunkNum(10)..);
+        assert!(contains(&open, &r(10, 1000)));
+        assert!(!contains(&open, &r(9, 11)));
     }
 }

@@ -53,6 +53,13 @@ impl Layout {
         ChunkRanges::from(ChunkNum(start)..ChunkNum(end))
     }
 
+    /// The chunks of blocks `start..end`.
+    pub(crate) fn span(&self, start: usize, end: usize) -> ChunkRanges {
+        let first = start as u64 * self.block;
+        let last = (end as u64 * self.block).min(self.chunks);
+        ChunkRanges::from(ChunkNum(first)..ChunkNum(last))
+    }
+
     /// The blocks a range set touches.
     pub(crate) fn touching(&self, ranges: &ChunkRanges) -> impl Iterator<Item = usize> {
         let bounded = ranges.clone() & ChunkRanges::from(ChunkNum(0)..ChunkNum(self.chunks));

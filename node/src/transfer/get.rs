@@ -1,11 +1,11 @@
-//! The fetching side of one range request: ask a peer for chunk ranges of a blob, decode the
-//! bao stream on a blocking thread and hand each verified item to the [`PartialBlob`].
+//! The fetching side of one range request: ask a peer for chunk ranges of a blob, decode and
+//! verify the bao stream in the request's task and hand verified items to the [`PartialBlob`]
+//! in batches.
 //!
 //! Nothing is written before bao-tree has checked it against the blob's root: a flipped byte
 //! ends the request with [`GetError::Corrupt`] and leaves those chunks missing.
 
 use std::{
-    io::BufReader,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,22 +14,32 @@ use std::{
 };
 
 use bao_tree::{
-    io::{sync::DecodeResponseIter, BaoContentItem, DecodeError},
+    io::{
+        fsm::{ResponseDecoder, ResponseDecoderNext},
+        BaoContentItem, DecodeError,
+    },
     ChunkRanges,
 };
 use mesh_proto::{
     wire::{ErrorCode, Request, Response, RESET_SOURCE_CORRUPT, RESET_UNAVAILABLE},
     Hash,
 };
-use tokio_util::io::SyncIoBridge;
+use tokio::task::JoinHandle;
 
-use super::STREAM_BUFFER;
+use super::io::StreamIn;
 use crate::{
     discovery::PeerCounters,
     metrics::Metrics,
     net::{read_frame, write_frame, StreamError},
-    store::{ranges, PartialBlob, StoreError},
+    store::{ranges, PartialBlob, StoreError, Written},
 };
+
+/// Verified bytes gathered before they are handed to the store, when they arrive fast.
+const MIN_BATCH: usize = 256 << 10;
+/// Verified bytes held back from the store at most, while the previous batch is written.
+const MAX_BATCH: usize = 4 << 20;
+/// How long verified bytes wait for more before they are handed to the store.
+const BATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Why a range request failed.
 #[derive(Debug, thiserror::Error)]
@@ -178,41 +188,150 @@ pub async fn get_ranges(
     if sent.is_empty() {
         return Ok(sent);
     }
-    let bridge = SyncIoBridge::new(recv);
-    let decode_ranges = sent.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let reader = BufReader::with_capacity(STREAM_BUFFER, bridge);
-        let items = DecodeResponseIter::new(hash.into(), partial.tree(), reader, &decode_ranges);
-        for item in items {
-            if hooks.cancel.load(Ordering::Relaxed) {
-                break;
-            }
-            let item = item?;
-            let written = partial.write(&item).map_err(DecodeOrStore::Store)?;
-            if let BaoContentItem::Leaf(leaf) = &item {
-                Metrics::add(
-                    &hooks.metrics.bytes_duplicate,
-                    leaf.data.len() as u64 - written,
-                );
-            }
-            Metrics::add(&hooks.metrics.bytes_received, written);
-            Metrics::add(&hooks.progress, written);
-            Metrics::add(&hooks.peer.received, written);
-        }
-        Ok::<(), DecodeOrStore>(())
-    })
-    .await
-    .expect("decoder task panicked");
-    match result {
+    match decode(recv, partial, &sent, &hooks).await {
         Ok(()) => Ok(sent),
         Err(DecodeOrStore::Store(e)) => Err(e.into()),
         Err(DecodeOrStore::Decode(e)) => Err(classify(e, peer, hash)),
     }
 }
 
+/// Decodes the response in this task and writes what verifies on a blocking thread, a batch at
+/// a time: a batch goes out when it holds [`MIN_BATCH`] bytes and the previous one is written,
+/// or [`BATCH_DELAY`] after its first item arrived. A fast stream is written in large batches
+/// with few thread hops; a slow one leaf by leaf, at most [`BATCH_DELAY`] late.
+async fn decode(
+    recv: quinn::RecvStream,
+    partial: Arc<PartialBlob>,
+    sent: &ChunkRanges,
+    hooks: &GetHooks,
+) -> Result<(), DecodeOrStore> {
+    let mut decoder = ResponseDecoder::new(
+        partial.hash().into(),
+        sent.clone(),
+        partial.tree(),
+        StreamIn::new(recv),
+    );
+    let mut writer = BatchWriter {
+        partial,
+        hooks,
+        batch: Vec::new(),
+        bytes: 0,
+        since: None,
+        writing: None,
+    };
+    loop {
+        let mut next = Box::pin(decoder.next());
+        let step = loop {
+            let Some(since) = writer.since else {
+                break next.await;
+            };
+            tokio::select! {
+                biased;
+                step = &mut next => break step,
+                _ = tokio::time::sleep_until(since + BATCH_DELAY) => writer.flush(true).await?,
+            }
+        };
+        let item = match step {
+            ResponseDecoderNext::More((rest, item)) => {
+                decoder = rest;
+                item
+            }
+            ResponseDecoderNext::Done(_) => break,
+        };
+        if hooks.cancel.load(Ordering::Relaxed) {
+            writer.batch.clear();
+            break;
+        }
+        match item {
+            Ok(item) => writer.push(item).await?,
+            Err(e) => {
+                // What verified before the bad item is kept.
+                writer.finish().await?;
+                return Err(e.into());
+            }
+        }
+    }
+    writer.finish().await
+}
+
+/// Verified items on their way to the store, at most one batch being written at a time.
+struct BatchWriter<'a> {
+    partial: Arc<PartialBlob>,
+    hooks: &'a GetHooks,
+    batch: Vec<BaoContentItem>,
+    /// Data bytes in `batch`.
+    bytes: usize,
+    /// When the first item of `batch` arrived.
+    since: Option<tokio::time::Instant>,
+    writing: Option<JoinHandle<Result<Written, StoreError>>>,
+}
+
+impl BatchWriter<'_> {
+    async fn push(&mut self, item: BaoContentItem) -> Result<(), StoreError> {
+        if let BaoContentItem::Leaf(leaf) = &item {
+            self.bytes += leaf.data.len();
+        }
+        self.batch.push(item);
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+        if self.bytes >= MAX_BATCH {
+            self.flush(true).await?;
+        } else if self.bytes >= MIN_BATCH {
+            self.flush(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts writing the batch, unless the previous one is still being written and `wait`
+    /// is false (then the batch grows until the next flush).
+    async fn flush(&mut self, wait: bool) -> Result<(), StoreError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        if let Some(done) = self.writing.take() {
+            if !wait && !done.is_finished() {
+                self.writing = Some(done);
+                return Ok(());
+            }
+            self.hooks.count(done.await.expect("writer panicked")?);
+        }
+        let partial = self.partial.clone();
+        let batch = std::mem::take(&mut self.batch);
+        self.bytes = 0;
+        self.since = None;
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            partial.write_batch(&batch)
+        }));
+        Ok(())
+    }
+
+    /// Writes what is left and waits until it is written.
+    async fn finish(mut self) -> Result<(), DecodeOrStore> {
+        self.flush(true).await?;
+        if let Some(done) = self.writing.take() {
+            self.hooks.count(done.await.expect("writer panicked")?);
+        }
+        Ok(())
+    }
+}
+
+impl GetHooks {
+    fn count(&self, written: Written) {
+        Metrics::add(&self.metrics.bytes_duplicate, written.duplicate);
+        Metrics::add(&self.metrics.bytes_received, written.new);
+        Metrics::add(&self.progress, written.new);
+        Metrics::add(&self.peer.received, written.new);
+    }
+}
+
 enum DecodeOrStore {
     Decode(DecodeError),
     Store(StoreError),
+}
+
+impl From<StoreError> for DecodeOrStore {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
 }
 
 impl From<DecodeError> for DecodeOrStore {

@@ -3,8 +3,10 @@
 //! [`pieces`] moves raw pieces of a file that is still being assembled from an origin.
 
 pub mod get;
+mod io;
 pub mod pieces;
 pub mod provider;
 
-/// Buffer between bao-tree's synchronous encoder/decoder and a QUIC stream.
+/// Bytes a provider queues before handing them to quinn (unless it passes on chunks it is
+/// still fetching: then each leaf goes out at once).
 const STREAM_BUFFER: usize = 256 << 10;

@@ -6,21 +6,21 @@
 //! [`RESET_SOURCE_CORRUPT`] and the blob is dropped from the store.
 
 use std::{
-    io::{self, BufWriter, Write},
+    io,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use bao_tree::{
-    io::{sync::encode_ranges_validated, EncodeError},
+    io::{fsm::encode_ranges_validated, EncodeError},
     ChunkRanges,
 };
 use mesh_proto::wire::{
     ErrorCode, Request, Response, RESET_IO, RESET_SOURCE_CORRUPT, RESET_UNAVAILABLE,
 };
-use tokio_util::io::SyncIoBridge;
 use tracing::{debug, warn, Instrument};
 
+use super::io::{BlobData, BlobOutboard, StreamOut};
 use super::pieces;
 use super::STREAM_BUFFER;
 use crate::{
@@ -298,38 +298,25 @@ impl Provider {
         };
         write_frame(&mut send, &header).await?;
         Metrics::add(&self.metrics.requests_served, 1);
-        let metrics = self.metrics.clone();
-        let limit = self.upload_limit.clone();
-        let corrupt = self.danger_corrupt_uploads;
-        let bridge = SyncIoBridge::new(send);
         // Chunks we are still fetching go out leaf by leaf as they are verified: a big buffer
         // would hold them back until the whole block is here.
         let following = !(sending.clone() - &reader.have).is_empty();
-        let buffer = if following {
+        let flush_at = if following {
             FOLLOW_BUFFER
         } else {
             STREAM_BUFFER
         };
-        let (result, bridge) = tokio::task::spawn_blocking(move || {
-            let mut out = BufWriter::with_capacity(
-                buffer,
-                CountingWriter {
-                    inner: bridge,
-                    metrics: &metrics,
-                    peer: &counters,
-                    limit: limit.as_deref(),
-                    corrupt,
-                    following,
-                },
-            );
-            let (data, outboard) = reader.verified();
-            let result = encode_ranges_validated(data, outboard, &sending, &mut out)
-                .and_then(|()| out.flush().map_err(EncodeError::Io));
-            (result, out.into_parts().0.inner)
-        })
-        .await
-        .expect("encoder task panicked");
-        let mut send = bridge.into_inner();
+        let (file, outboard, have, growing) = reader.into_parts();
+        let data = BlobData::new(file, size, have, sending.clone(), growing.clone());
+        let outboard = BlobOutboard::new(outboard, growing);
+        let mut out = StreamOut::new(&mut send, flush_at, &self.metrics, &counters);
+        out.limit = self.upload_limit.as_deref();
+        out.corrupt = self.danger_corrupt_uploads;
+        out.following = following;
+        let result = match encode_ranges_validated(data, outboard, &sending, &mut out).await {
+            Ok(()) => out.flush().await.map_err(EncodeError::Io),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(()) => {
                 let _ = send.finish();
@@ -365,43 +352,7 @@ fn error_code(e: &StoreError) -> ErrorCode {
     }
 }
 
-/// Counts the bytes written to a stream and applies the upload limit.
-struct CountingWriter<'a, W> {
-    inner: W,
-    metrics: &'a Metrics,
-    peer: &'a PeerCounters,
-    limit: Option<&'a RateLimit>,
-    corrupt: bool,
-    /// Whether these are chunks we are still fetching.
-    following: bool,
-}
-
-impl<W: Write> Write for CountingWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(limit) = self.limit {
-            limit.take(buf.len() as u64);
-        }
-        let n = if self.corrupt && buf.len() > 64 {
-            let mut bad = buf.to_vec();
-            bad[buf.len() / 2] ^= 0x55;
-            self.inner.write(&bad)?
-        } else {
-            self.inner.write(buf)?
-        };
-        Metrics::add(&self.metrics.bytes_sent, n as u64);
-        if self.following {
-            Metrics::add(&self.metrics.bytes_passed_on, n as u64);
-        }
-        Metrics::add(&self.peer.sent, n as u64);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// A token bucket shared by all uploads; callers on blocking threads sleep until they may send.
+/// A token bucket shared by all uploads; senders wait until they may send.
 #[derive(Debug)]
 pub struct RateLimit {
     /// Bytes per second.
@@ -420,7 +371,7 @@ impl RateLimit {
     }
 
     /// Reserves `n` bytes and sleeps until they fit the rate (with up to 100 ms of burst).
-    fn take(&self, n: u64) {
+    pub(super) async fn take(&self, n: u64) {
         let wait = {
             let mut next = self.next_free.lock().expect("rate limit lock poisoned");
             let now = Instant::now();
@@ -430,7 +381,7 @@ impl RateLimit {
             next.saturating_duration_since(now + burst)
         };
         if !wait.is_zero() {
-            std::thread::sleep(wait);
+            tokio::time::sleep(wait).await;
         }
     }
 }

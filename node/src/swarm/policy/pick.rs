@@ -2,10 +2,10 @@
 //! [`super`] give (held blocks rarest first, then live ones, then duplicates), with the seed
 //! split that keeps a shared seed sending each block once.
 
-use std::{collections::HashMap, net::SocketAddr, time::Instant};
+use std::{net::SocketAddr, time::Instant};
 
 use super::{
-    Action, Ask, Asked, Block, BlockRequest, BlockScore, BlockState, Policy, RequestId,
+    Action, Ask, Asked, Block, BlockRequest, BlockState, Entry, Policy, RequestId,
     MAX_LIVE_PER_PEER, SEED_DEPTH, SLOW_BLOCK, STAND_IN_WAIT,
 };
 
@@ -22,13 +22,11 @@ impl Policy {
                 .collect();
             ids.sort_unstable();
             ids.dedup();
-            self.files[f].resplit(ids);
+            if self.files[f].resplit(ids) {
+                self.rebuild_seed_only();
+            }
         }
-        let endgame = self.files.iter().all(|f| {
-            f.blocks
-                .iter()
-                .all(|p| !matches!(p.state, BlockState::Missing))
-        });
+        let endgame = self.index.missing.is_empty();
         let addrs: Vec<SocketAddr> = self.peers.keys().copied().collect();
         let others = self.peers.len() > usize::from(self.seeds());
         for addr in addrs {
@@ -72,73 +70,56 @@ impl Policy {
         }
     }
 
-    /// The next block to ask peer `addr` for, of the kind `ask`.
-    fn choose(
+    /// The next block to ask peer `addr` for, of the kind `ask`: the first of its candidate
+    /// set ([`super::index`]), so the choice costs the same whatever the file's size.
+    pub(super) fn choose(
         &self,
         addr: SocketAddr,
         endgame: bool,
         ask: Ask,
         now: Instant,
     ) -> Option<(usize, usize)> {
-        if ask == Ask::Duplicate {
-            return self.choose_duplicate(addr, endgame, now);
-        }
         let state = &self.peers[&addr];
+        let at = |e: &Entry| (e.2 as usize, e.3 as usize);
+        match ask {
+            Ask::Duplicate => return self.choose_duplicate(addr, endgame, now),
+            // A seed holds every block: none is one it fetches.
+            Ask::Live => return state.fetching.first().map(at),
+            Ask::Held => {}
+        }
         // A seed's upload is the swarm's scarcest resource: ask seeds only for blocks that no
         // other peer holds or is fetching, and let peers spread the rest among themselves.
-        let seeds = self.seeds();
-        let others = |block: &Block| block.avail.saturating_sub(seeds) + block.pending;
-        let spare_seed = state.is_seed() && self.peers.len() > usize::from(seeds);
+        let spare_seed = state.is_seed() && self.peers.len() > usize::from(self.seeds());
+        if !spare_seed {
+            let candidates = if state.is_seed() {
+                &self.index.missing
+            } else {
+                &state.offers
+            };
+            return candidates.first().map(at);
+        }
         let any_rank = self
             .seed_only_stuck_since
             .is_some_and(|t| now.saturating_duration_since(t) >= STAND_IN_WAIT);
-        let mut best: Option<(BlockScore, usize, usize)> = None;
-        for (f, file) in self.files.iter().enumerate() {
-            if file.missing == 0 {
-                continue;
-            }
-            // Per owner: the blocks only seeds hold that nobody fetches yet.
-            let mut left: HashMap<u64, usize> = HashMap::new();
-            if spare_seed && !any_rank {
-                for (p, block) in file.blocks.iter().enumerate() {
-                    if matches!(block.state, BlockState::Missing) && others(block) == 0 {
-                        *left.entry(file.owner[p]).or_default() += 1;
-                    }
-                }
-            }
-            for (p, block) in file.blocks.iter().enumerate() {
-                let offers = match ask {
-                    Ask::Live => state.pending_block[f][p] && !state.has_block[f][p],
-                    _ => state.has_block[f][p],
-                };
-                if !matches!(block.state, BlockState::Missing) || !offers {
-                    continue;
-                }
-                let rank = file.seed_order[p].0;
+        self.index
+            .seed_only
+            .iter()
+            .find(|&&(rank, _, f, b)| {
                 // The owner takes its last block itself: a stand-in taking it too would make
                 // the seed send it twice.
-                let owners_last =
-                    rank > 0 && !any_rank && left.get(&file.owner[p]).is_none_or(|&n| n <= 1);
-                if spare_seed && (others(block) > 0 || owners_last) {
-                    continue;
-                }
-                // A block another peer is already fetching counts as one more source.
-                let order = if spare_seed {
-                    file.seed_order[p]
-                } else {
-                    (0, u64::from(block.key))
-                };
-                let score = (block.avail + block.pending, order);
-                if best.as_ref().is_none_or(|(b, _, _)| score < *b) {
-                    best = Some((score, f, p));
-                }
-            }
-        }
-        best.map(|(_, f, p)| (f, p))
+                let owner = self.files[f as usize].owner[b as usize];
+                let owners_last = rank > 0
+                    && !any_rank
+                    && self.index.left[f as usize]
+                        .get(&owner)
+                        .is_none_or(|&n| n <= 1);
+                !owners_last
+            })
+            .map(|&(_, _, f, b)| (f as usize, b as usize))
     }
 
     /// Endgame and slow blocks: the oldest in-flight block peer `addr` could serve too.
-    fn choose_duplicate(
+    pub(super) fn choose_duplicate(
         &self,
         addr: SocketAddr,
         endgame: bool,
@@ -148,24 +129,26 @@ impl Policy {
         let seeds = self.seeds();
         let others = |block: &Block| block.avail.saturating_sub(seeds) + block.pending;
         let spare_seed = state.is_seed() && self.peers.len() > usize::from(seeds);
-        let mut oldest: Option<(Instant, usize, usize)> = None;
-        for (f, file) in self.files.iter().enumerate() {
-            for (p, block) in file.blocks.iter().enumerate() {
-                let BlockState::InFlight { since, requests } = &block.state else {
-                    continue;
-                };
-                let slow = now.saturating_duration_since(*since) >= SLOW_BLOCK;
-                let eligible = state.has_block[f][p]
-                    && !(spare_seed && others(block) > 0 && !slow)
-                    && requests.len() < 2
-                    && requests.iter().all(|r| r.peer != addr)
-                    && (endgame || slow);
-                if eligible && oldest.as_ref().is_none_or(|(t, _, _)| since < t) {
-                    oldest = Some((*since, f, p));
-                }
+        for &(since, f, p) in &self.index.in_flight {
+            let slow = now.saturating_duration_since(since) >= SLOW_BLOCK;
+            if !endgame && !slow {
+                // Oldest first: the rest are not slow either.
+                return None;
+            }
+            let (f, p) = (f as usize, p as usize);
+            let block = &self.files[f].blocks[p];
+            let BlockState::InFlight { requests, .. } = &block.state else {
+                continue;
+            };
+            let eligible = state.has_block[f][p]
+                && !(spare_seed && others(block) > 0 && !slow)
+                && requests.len() < 2
+                && requests.iter().all(|r| r.peer != addr);
+            if eligible {
+                return Some((f, p));
             }
         }
-        oldest.map(|(_, f, p)| (f, p))
+        None
     }
 
     fn start(&mut self, addr: SocketAddr, file: usize, block: usize, live: bool, now: Instant) {
@@ -190,9 +173,14 @@ impl Policy {
                 *state = BlockState::InFlight {
                     since: now,
                     requests: vec![asked],
-                }
+                };
+                self.index
+                    .in_flight
+                    .insert((now, file as u32, block as u32));
+                self.reindex(file, block, None);
             }
         }
+        let f = &self.files[file];
         self.actions.push_back(Action::Start(BlockRequest {
             id,
             peer: addr,
