@@ -232,6 +232,38 @@ impl NodeProc {
             .spawn()
             .expect("mesh runs")
     }
+
+    /// How many peers this node holds a connection to (`mesh peers --json` in its namespace,
+    /// whose loopback API this process can't reach).
+    pub fn connected_peers(&self) -> Result<usize> {
+        let out = self.spawn_cli(&["peers", "--json"]).wait_with_output()?;
+        let table: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "mesh peers --json: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok(table
+            .as_array()
+            .context("mesh peers --json prints a list")?
+            .iter()
+            .filter(|p| p["connected"].as_bool() == Some(true))
+            .count())
+    }
+}
+
+/// Waits until every node in `nodes` holds a connection to every other one.
+pub fn wait_for_full_mesh(nodes: &[NodeProc], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for n in nodes {
+        while n.connected_peers()? < nodes.len() - 1 {
+            if Instant::now() > deadline {
+                bail!("nodes did not find each other within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
 }
 
 impl Drop for NodeProc {

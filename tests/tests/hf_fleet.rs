@@ -2,34 +2,12 @@
 //! that so far lives only on the Hub, which sits behind a thin uplink (the school's), slower
 //! than the LAN. Each byte must cross the uplink once for the whole fleet.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_tests::{netlab::NetLab, prereq, util::*};
 
 const KEY: Option<&str> = Some("hf-fleet-key");
 const REPO: &str = "org/fleet";
-
-/// Waits until every node sees every other one connected (`mesh peers`).
-fn wait_for_peers(nodes: &[NodeProc]) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    for n in nodes {
-        loop {
-            let out = n
-                .spawn_cli(&["peers", "--json"])
-                .wait_with_output()
-                .unwrap();
-            let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            let connected = table
-                .as_array()
-                .map_or(0, |t| t.iter().filter(|p| p["connected"] == true).count());
-            if connected >= nodes.len() - 1 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "nodes did not find each other");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
 
 #[test]
 fn a_fleet_behind_a_thin_uplink_pulls_each_hf_byte_once() {
@@ -57,7 +35,7 @@ fn a_fleet_behind_a_thin_uplink_pulls_each_hf_byte_once() {
             NodeProc::start_env(&home, KEY, Some(&lab.ns(i)), &lab.addr(i), &[], &env).unwrap()
         })
         .collect();
-    wait_for_peers(&nodes);
+    wait_for_full_mesh(&nodes, Duration::from_secs(90)).unwrap();
     let fetches: Vec<_> = nodes
         .iter()
         .map(|n| {

@@ -19,7 +19,7 @@ use clap::Parser;
 use mesh_bench::*;
 use mesh_tests::{
     netlab::{self, rate_bits, NetLab},
-    util::{FakeHub, NodeProc},
+    util::{wait_for_full_mesh, FakeHub, NodeProc},
 };
 
 #[derive(Parser, Debug)]
@@ -134,7 +134,8 @@ fn run_fleet(opt: &Opt, lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<(f64,
             &env,
         )?);
     }
-    std::thread::sleep(Duration::from_secs(3)); // mDNS settles, as in a running lab
+    // A running lab: every node already knows every other one.
+    wait_for_full_mesh(&nodes, Duration::from_secs(90))?;
     let cpu0: f64 = nodes
         .iter()
         .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use mesh_bench::proc_cpu_secs;
 use mesh_tests::{
@@ -83,7 +83,10 @@ fn measure(opt: &Opt, n: usize) -> Result<Row> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(opt.settle);
     loop {
-        let connected: Vec<usize> = nodes.iter().map(connected_peers).collect::<Result<_>>()?;
+        let connected: Vec<usize> = nodes
+            .iter()
+            .map(NodeProc::connected_peers)
+            .collect::<Result<_>>()?;
         if connected.iter().all(|&c| c == n - 1) {
             break;
         }
@@ -122,7 +125,7 @@ fn measure(opt: &Opt, n: usize) -> Result<Row> {
         .map(|(a, b)| (b.1.bytes - a.1.bytes) as f64 / secs)
         .collect();
     for (i, node) in nodes.iter().enumerate() {
-        if connected_peers(node)? != n - 1 {
+        if node.connected_peers()? != n - 1 {
             bail!("node {} lost peers while idle", i + 1);
         }
     }
@@ -144,22 +147,4 @@ fn cpus(nodes: &[NodeProc]) -> Result<Vec<f64>> {
 fn mean_max(v: &[f64]) -> (f64, f64) {
     let mean = v.iter().sum::<f64>() / v.len() as f64;
     (mean, v.iter().copied().fold(0.0, f64::max))
-}
-
-/// How many peers `node` holds a connection to (`mesh peers --json` in its namespace, whose
-/// loopback API this process can't reach).
-fn connected_peers(node: &NodeProc) -> Result<usize> {
-    let out = node.spawn_cli(&["peers", "--json"]).wait_with_output()?;
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "mesh peers --json: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    Ok(table
-        .as_array()
-        .context("mesh peers --json prints a list")?
-        .iter()
-        .filter(|p| p["connected"].as_bool() == Some(true))
-        .count())
 }

@@ -340,7 +340,7 @@ impl PartialBlob {
                         data: WriteAtFile(&self.outboard),
                     };
                     ob.save(parent.node, &parent.pair)
-                        .map_err(StoreError::io(&self.store.partial_path(self.hash, "obao")))?;
+                        .map_err(|e| self.write_failed("obao", e))?;
                 }
                 BaoContentItem::Leaf(leaf) => {
                     let range = leaf_chunks(leaf.offset, leaf.data.len());
@@ -349,14 +349,9 @@ impl PartialBlob {
                         written.duplicate += leaf.data.len() as u64;
                         continue;
                     }
-                    if let Err(e) = self.data.write_all_at(&leaf.data, leaf.offset) {
-                        let e = StoreError::io(&self.store.partial_path(self.hash, "data"))(e);
-                        if super::disk_full(&e) {
-                            // Room for the checkpoint that records what did fit.
-                            self.store.release_reserve();
-                        }
-                        return Err(e);
-                    }
+                    self.data
+                        .write_all_at(&leaf.data, leaf.offset)
+                        .map_err(|e| self.write_failed("data", e))?;
                     added |= range;
                 }
             }
@@ -404,11 +399,25 @@ impl PartialBlob {
             have: pairs_from_ranges(&have),
         };
         match db::put_blob(&self.store.inner.db, self.hash, &record) {
-            Err(e) if super::disk_full(&e) && self.store.release_reserve() => {
-                db::put_blob(&self.store.inner.db, self.hash, &record)
+            // redb refuses every later commit after a failed one ("previous I/O error"), so a
+            // retry can't succeed; the original error is the one worth reporting.
+            Err(e) if super::disk_full(&e) => {
+                self.store.release_reserve();
+                Err(e)
             }
             other => other,
         }
+    }
+
+    /// The error for a failed write to the partial `.data` or `.obao` file. A full disk
+    /// releases the store's reserve first, so the checkpoint that follows (redb's commit)
+    /// still has room to record what was verified.
+    fn write_failed(&self, ext: &str, e: io::Error) -> StoreError {
+        let e = StoreError::io(&self.store.partial_path(self.hash, ext))(e);
+        if super::disk_full(&e) {
+            self.store.release_reserve();
+        }
+        e
     }
 
     fn complete(&self) -> Result<(), StoreError> {
