@@ -53,6 +53,14 @@ fn a_fleet_behind_a_thin_uplink_pulls_each_hf_byte_once() {
         assert!(run.status.success(), "fetch on host {} failed", i + 2);
         let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
         from_hf += report["bytes_from_hf"].as_u64().unwrap();
+        let from_peers = report["bytes_from_peers"].as_u64().unwrap();
+        let peers_used = report["peers_used"].as_array().unwrap();
+        assert_eq!(
+            from_peers > 0,
+            !peers_used.is_empty(),
+            "host {}: {from_peers} bytes from peers, but peers_used is {peers_used:?}",
+            i + 2
+        );
     }
     for n in &nodes {
         assert_same_tree(&repo, &n.home.join("out"));

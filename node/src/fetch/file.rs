@@ -9,7 +9,8 @@
 //! recorded in the manifest named `org/name@commit`, so peers find it by commit.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
     sync::{atomic::AtomicU64, Arc},
 };
 
@@ -48,12 +49,14 @@ pub enum FileState {
 }
 
 /// Where the bytes of one file came from.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct FileTally {
     /// From LAN peers (verified blocks, or raw pieces of a split).
     pub from_peers: u64,
     /// From HuggingFace.
     pub from_hf: u64,
+    /// The LAN peers that sent any of them.
+    pub peers: BTreeSet<SocketAddr>,
 }
 
 /// The shared downloads, by published hash. A std mutex: map lookups only.
@@ -102,7 +105,7 @@ impl Fetcher {
         use std::sync::atomic::Ordering;
         loop {
             let done = match &*rx.borrow_and_update() {
-                FileState::Done { hash, tally } => Some(Ok((*hash, *tally))),
+                FileState::Done { hash, tally } => Some(Ok((*hash, tally.clone()))),
                 FileState::Failed(e) => Some(Err(e.clone())),
                 FileState::FromPeers(p) => {
                     progress.store(ranges::byte_len(&p.have(), size), Ordering::Relaxed);
@@ -148,7 +151,7 @@ impl Fetcher {
             .metrics
             .bytes_received
             .load(std::sync::atomic::Ordering::Relaxed);
-        if let Some(hash) = self.file_from_peers(info, file, state).await? {
+        if let Some((hash, peers)) = self.file_from_peers(info, file, state).await? {
             self.record_commit_file(info, file, hash).await?;
             let now = self
                 .metrics
@@ -157,6 +160,7 @@ impl Fetcher {
             let tally = FileTally {
                 from_peers: now - received,
                 from_hf: 0,
+                peers,
             };
             return Ok((hash, tally));
         }
@@ -166,18 +170,19 @@ impl Fetcher {
         Ok((hash, tally))
     }
 
-    /// The file from a peer that holds the same commit, checked against its published hash;
-    /// `None` if no peer has it (or its copy is wrong).
+    /// The file from a peer that holds the same commit, checked against its published hash,
+    /// with the peers that sent it; `None` if no peer has it (or its copy is wrong).
     async fn file_from_peers(
         &self,
         info: &RepoInfo,
         file: &HubFile,
         state: &watch::Sender<FileState>,
-    ) -> Result<Option<Hash>, FetchError> {
+    ) -> Result<Option<(Hash, BTreeSet<SocketAddr>)>, FetchError> {
         let Some(entry) = self.peer_copy(info, file).await else {
             return Ok(None);
         };
         let (hash, size) = (entry.hash, file.size);
+        let mut used = BTreeSet::new();
         if size > 0 {
             let store = self.store.clone();
             let partial = blocking(move || store.partial(hash, size)).await?;
@@ -187,14 +192,17 @@ impl Fetcher {
                 partial,
                 progress: Arc::new(AtomicU64::new(0)),
             };
-            if let Err(e) = self.swarm_download(vec![job]).await? {
-                warn!(path = %file.path, "peers could not provide it, using HuggingFace: {e}");
-                return Ok(None);
+            match self.swarm_download(vec![job]).await? {
+                Ok(peers) => used.extend(peers),
+                Err(e) => {
+                    warn!(path = %file.path, "peers could not provide it, using HuggingFace: {e}");
+                    return Ok(None);
+                }
             }
         }
         Ok(super::sources::check_copy(self, hash, file)
             .await?
-            .then_some(hash))
+            .then_some((hash, used)))
     }
 
     /// A peer's entry for `file` at `info`'s commit, if a connected peer holds one.
@@ -274,6 +282,7 @@ impl Fetcher {
         let tally = FileTally {
             from_peers: assembled.from_peers,
             from_hf: assembled.from_origin,
+            peers: assembled.peers,
         };
         self.metrics.add_from_hf(tally.from_hf);
         Ok((hash, tally))

@@ -365,6 +365,11 @@ impl Source for HubOrigin {
                 files[i].hash = Some(hash);
                 tally.from_hf += from.from_hf;
                 tally.from_peers += from.from_peers;
+                for peer in from.peers {
+                    if !tally.peers_used.contains(&peer) {
+                        tally.peers_used.push(peer);
+                    }
+                }
             }
             Ok(())
         })

@@ -14,7 +14,7 @@
 //! An origin is anything that serves byte ranges of a file ([`RangeOrigin`]).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -138,12 +138,14 @@ pub enum SplitError<E> {
 }
 
 /// Where the bytes of an assembled file came from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Assembled {
     /// Bytes from the origin, in this run.
     pub from_origin: u64,
     /// Bytes from peers, in this run.
     pub from_peers: u64,
+    /// The peers that sent pieces, in this run.
+    pub peers: BTreeSet<SocketAddr>,
 }
 
 /// Assembles `file` into `partial` from peers and `origin`, then checks it against its
@@ -200,6 +202,8 @@ struct Assembly<'a, O: RangeOrigin> {
     from_origin: u64,
     /// Bytes that came from peers.
     from_peers: u64,
+    /// The peers those bytes came from.
+    peers_used: BTreeSet<SocketAddr>,
     /// Which pieces to ask the origin for.
     plan: OriginPlan,
 }
@@ -227,6 +231,7 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
             in_flight: HashSet::new(),
             from_origin: 0,
             from_peers: 0,
+            peers_used: BTreeSet::new(),
             plan,
         }
     }
@@ -280,6 +285,7 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
             return Some(Ok(Assembled {
                 from_origin: self.from_origin,
                 from_peers: self.from_peers,
+                peers: std::mem::take(&mut self.peers_used),
             }));
         }
         let culprits = self.partial.drop_pieces_from_peers();
@@ -408,6 +414,7 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
                 match result {
                     Ok(bytes) => {
                         self.from_peers += bytes.len() as u64;
+                        self.peers_used.insert(peer);
                         self.store(piece, bytes, Some(peer)).await?;
                     }
                     Err(e) => {
