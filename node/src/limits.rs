@@ -6,8 +6,8 @@
 //! awaits [`Limits::hf_take`] before each request and [`Limits::hf_rate`] for each chunk of a
 //! streamed download, and counts what arrived with [`Limits::hf_got`]. Outside `hf_hours` an HF
 //! download waits for the window to open (peers keep serving meanwhile) and says so in the
-//! log and through [`Limits::notice`]. The upload limit (`max_upload`) is the provider's; it is
-//! only reported here.
+//! log and through [`Limits::notice`]. The provider awaits the upload limit (`max_upload`,
+//! [`Limits::upload`]) before each batch it sends.
 
 use std::{
     fmt,
@@ -181,7 +181,7 @@ pub struct LimitConfig {
     pub max_hf_download: Option<u64>,
     /// Hours HuggingFace may be used.
     pub hf_hours: Option<Hours>,
-    /// Upload rate (enforced by the provider; reported here).
+    /// Upload rate to peers, bytes per second.
     pub max_upload: Option<u64>,
 }
 
@@ -196,7 +196,7 @@ struct Inner {
     download: Option<Throttle>,
     hf_download: Option<Throttle>,
     hf_hours: Option<Hours>,
-    max_upload: Option<u64>,
+    upload: Option<Arc<Throttle>>,
     /// Bytes that arrived from HuggingFace.
     hf_bytes: AtomicU64,
     /// Set while an HF download waits for `hf_hours`.
@@ -224,7 +224,7 @@ impl Limits {
                 download: config.max_download.map(Throttle::new),
                 hf_download: config.max_hf_download.map(Throttle::new),
                 hf_hours: config.hf_hours,
-                max_upload: config.max_upload,
+                upload: config.max_upload.map(|rate| Arc::new(Throttle::new(rate))),
                 ..Inner::default()
             }),
         }
@@ -235,6 +235,11 @@ impl Limits {
         if let Some(t) = &self.inner.download {
             t.take(n).await;
         }
+    }
+
+    /// The upload limit (`max_upload`) the provider awaits, if one is set.
+    pub fn upload(&self) -> Option<Arc<Throttle>> {
+        self.inner.upload.clone()
     }
 
     /// Waits until HuggingFace may be used (`hf_hours`) and `n` more bytes from it fit both
@@ -300,21 +305,25 @@ impl Limits {
         }
     }
 
-    /// Each configured limit, and whether it binds now. `rate_out` is the node's measured
-    /// upload rate (the provider enforces `max_upload`).
-    pub fn status(&self, rate_out: u64) -> Vec<LimitStatus> {
+    /// Each configured limit, and whether it binds now.
+    pub fn status(&self) -> Vec<LimitStatus> {
         let per_sec = |r: u64| format!("{}/s", human(r));
         let mut out = Vec::new();
         let throttles = [
             (
                 "max_download",
-                &self.inner.download,
+                self.inner.download.as_ref(),
                 "downloads are slowed to this rate",
             ),
             (
                 "max_hf_download",
-                &self.inner.hf_download,
+                self.inner.hf_download.as_ref(),
                 "HuggingFace downloads are slowed to this rate",
+            ),
+            (
+                "max_upload",
+                self.inner.upload.as_deref(),
+                "uploads to peers run at this rate",
             ),
         ];
         for (name, throttle, note) in throttles {
@@ -326,15 +335,6 @@ impl Limits {
                     note: t.binding().then(|| note.to_string()),
                 });
             }
-        }
-        if let Some(rate) = self.inner.max_upload {
-            let binding = rate_out * 10 >= rate * 9;
-            out.push(LimitStatus {
-                name: "max_upload".into(),
-                value: per_sec(rate),
-                binding,
-                note: binding.then(|| "uploads to peers run at this rate".to_string()),
-            });
         }
         if let Some(hours) = self.inner.hf_hours {
             let notice = self.notice();

@@ -21,7 +21,7 @@ use crate::{
     metrics::Metrics,
     net::{BindError, ConnectError, Net},
     store::{self, Store, StoreError},
-    transfer::provider::{Provider, RateLimit},
+    transfer::provider::Provider,
 };
 
 /// The default QUIC (UDP) port peers dial.
@@ -133,6 +133,10 @@ impl Node {
                 }
             };
         let peers = Peers::spawn(net.clone(), discovery, cancel.clone());
+        let limits = Limits::new(&LimitConfig {
+            max_upload: config.max_upload,
+            ..config.limits.clone()
+        });
         let fetcher = Fetcher::new(
             store.clone(),
             peers.clone(),
@@ -140,13 +144,7 @@ impl Node {
             mdns_on,
             config.aliases.clone(),
         )
-        .with_limits(
-            Limits::new(&LimitConfig {
-                max_upload: config.max_upload,
-                ..config.limits.clone()
-            }),
-            config.max_store,
-        );
+        .with_limits(limits.clone(), config.max_store);
         let danger_corrupt_uploads =
             std::env::var("MESH_DANGER_CORRUPT_UPLOADS").is_ok_and(|v| v == "1");
         if danger_corrupt_uploads {
@@ -155,7 +153,7 @@ impl Node {
         let provider = Provider {
             store: store.clone(),
             metrics: metrics.clone(),
-            upload_limit: config.max_upload.map(|rate| Arc::new(RateLimit::new(rate))),
+            upload_limit: limits.upload(),
             peers: peers.clone(),
             open_mode: config.mesh_key.is_none(),
             danger_corrupt_uploads,

@@ -124,11 +124,6 @@ impl Rates {
         let s = self.inner.lock().expect("rates lock");
         (s.store_bytes, s.disk_free)
     }
-
-    /// Bytes per second sent to peers, as last sampled.
-    pub(super) fn rate_out(&self) -> u64 {
-        self.inner.lock().expect("rates lock").rate_out
-    }
 }
 
 pub(super) fn router() -> Router<ApiState> {
@@ -220,7 +215,7 @@ async fn fleet(State(state): State<ApiState>) -> Response {
             rate_in: sampled.rate_in,
             rate_out: sampled.rate_out,
         },
-        limits: state.fetcher.limits.status(sampled.rate_out),
+        limits: state.fetcher.limits.status(),
         peers,
         transfers,
         models,

@@ -115,7 +115,7 @@ pub(super) fn series(state: &ApiState) -> String {
     let limits: Vec<(String, u64)> = state
         .fetcher
         .limits
-        .status(state.rates.rate_out())
+        .status()
         .iter()
         .map(|l| (format!("limit=\"{}\"", l.name), u64::from(l.binding)))
         .collect();

@@ -17,8 +17,7 @@ use bytes::{Bytes, BytesMut};
 use iroh_io::{AsyncSliceReader, AsyncStreamReader, AsyncStreamWriter};
 use positioned_io::{RandomAccessFile, ReadAt};
 
-use super::provider::RateLimit;
-use crate::{discovery::PeerCounters, metrics::Metrics, store::PartialBlob};
+use crate::{discovery::PeerCounters, limits::Throttle, metrics::Metrics, store::PartialBlob};
 
 /// The most bytes read from a blob's file in one go.
 pub(super) const READ_WINDOW: usize = 1 << 20;
@@ -114,7 +113,7 @@ pub(super) struct StreamOut<'a> {
     flush_at: usize,
     pub(super) metrics: &'a Metrics,
     pub(super) peer: &'a PeerCounters,
-    pub(super) limit: Option<&'a RateLimit>,
+    pub(super) limit: Option<&'a Throttle>,
     /// Test switch: flip a byte in every item over 64 bytes (after our own verification).
     pub(super) corrupt: bool,
     /// Whether these are chunks we are still fetching (counted as passed on).

@@ -5,11 +5,7 @@
 //! that changed on disk (even with its mtime restored) is caught here, the stream is reset with
 //! [`RESET_SOURCE_CORRUPT`] and the blob is dropped from the store.
 
-use std::{
-    io,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{io, sync::Arc, time::Duration};
 
 use bao_tree::{
     io::{fsm::encode_ranges_validated, EncodeError},
@@ -25,6 +21,7 @@ use super::pieces;
 use super::STREAM_BUFFER;
 use crate::{
     discovery::{PeerCounters, Peers},
+    limits::Throttle,
     metrics::Metrics,
     net::{read_frame, write_frame, StreamError},
     store::{blocking, ranges, BlobHave, Store, StoreError},
@@ -48,7 +45,7 @@ pub struct Provider {
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Upload limit in bytes per second, for the whole node.
-    pub upload_limit: Option<Arc<RateLimit>>,
+    pub upload_limit: Option<Arc<Throttle>>,
     /// Per-peer counters.
     pub peers: Peers,
     /// No mesh key: then nothing from a gated or private repo is served to anyone.
@@ -349,39 +346,5 @@ fn error_code(e: &StoreError) -> ErrorCode {
         StoreError::NotFound(_) => ErrorCode::NotFound,
         StoreError::SourceChanged(_) => ErrorCode::SourceChanged,
         _ => ErrorCode::Internal,
-    }
-}
-
-/// A token bucket shared by all uploads; senders wait until they may send.
-#[derive(Debug)]
-pub struct RateLimit {
-    /// Bytes per second.
-    rate: u64,
-    /// When the bucket will next be empty. A std mutex: held for arithmetic only.
-    next_free: std::sync::Mutex<Instant>,
-}
-
-impl RateLimit {
-    /// A limit of `rate` bytes per second.
-    pub fn new(rate: u64) -> Self {
-        Self {
-            rate: rate.max(1),
-            next_free: std::sync::Mutex::new(Instant::now()),
-        }
-    }
-
-    /// Reserves `n` bytes and sleeps until they fit the rate (with up to 100 ms of burst).
-    pub(super) async fn take(&self, n: u64) {
-        let wait = {
-            let mut next = self.next_free.lock().expect("rate limit lock poisoned");
-            let now = Instant::now();
-            let burst = Duration::from_millis(100);
-            let start = (*next).max(now.checked_sub(burst).unwrap_or(now));
-            *next = start + Duration::from_secs_f64(n as f64 / self.rate as f64);
-            next.saturating_duration_since(now + burst)
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
     }
 }
