@@ -233,9 +233,9 @@ impl NodeProc {
             .expect("mesh runs")
     }
 
-    /// How many peers this node holds a connection to (`mesh peers --json` in its namespace,
-    /// whose loopback API this process can't reach).
-    pub fn connected_peers(&self) -> Result<usize> {
+    /// The node's peer table, `mesh peers --json` run in its namespace (whose loopback API
+    /// this process can't reach).
+    pub fn peer_table(&self) -> Result<Vec<serde_json::Value>> {
         let out = self.spawn_cli(&["peers", "--json"]).wait_with_output()?;
         let table: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
@@ -243,9 +243,16 @@ impl NodeProc {
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
-        Ok(table
-            .as_array()
-            .context("mesh peers --json prints a list")?
+        match table {
+            serde_json::Value::Array(rows) => Ok(rows),
+            _ => bail!("mesh peers --json prints a list"),
+        }
+    }
+
+    /// How many peers this node holds a connection to.
+    pub fn connected_peers(&self) -> Result<usize> {
+        Ok(self
+            .peer_table()?
             .iter()
             .filter(|p| p["connected"].as_bool() == Some(true))
             .count())

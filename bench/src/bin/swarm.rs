@@ -228,16 +228,7 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
 
 /// Verified new bytes node `n` received from the peer at `ip`, from `mesh peers --json`.
 fn received_from(n: &NodeProc, ip: &str) -> Result<u64> {
-    let out = n.spawn_cli(&["peers", "--json"]).wait_with_output()?;
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "mesh peers --json: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    Ok(table
-        .as_array()
-        .context("mesh peers --json prints a list")?
+    Ok(n.peer_table()?
         .iter()
         .filter(|p| {
             p["addr"]
