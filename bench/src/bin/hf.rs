@@ -11,6 +11,7 @@
 
 use std::{
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -71,24 +72,26 @@ fn main() -> Result<()> {
     let bound = repo_size as f64 * 8.0 / rate_bits(&opt.uplink)? as f64;
     let direct = direct_download(&lab, &hub)?;
     let served0 = served(&hub, &lab)?;
-    let (fleet, cpu) = run_fleet(&opt, &lab, &hub, tmp.path())?;
+    let (fleet, cpu, uplink) = run_fleet(&opt, &lab, &hub, tmp.path())?;
     let served = served(&hub, &lab)? - served0;
     println!(
         "\n{} MiB repo, {} nodes, uplink {}, LAN {}; size/uplink = {bound:.1} s",
         opt.size_mib, opt.nodes, opt.uplink, opt.lan
     );
-    println!("| run | seconds | x size/uplink | HF bytes / repo | fleet CPU-s |");
-    println!("|---|---|---|---|---|");
+    println!("| run | seconds | x size/uplink | x direct | HF bytes / repo | fleet CPU-s |");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| direct download (curl, one host) | {direct:.1} | {:.3} | 1.000 | |",
+        "| direct download (curl, one host) | {direct:.2} | {:.3} | 1.000 | 1.000 | |",
         direct / bound
     );
     println!(
-        "| mesh, {} nodes | {fleet:.1} | {:.3} | {:.4} | {cpu:.1} |",
+        "| mesh, {} nodes | {fleet:.2} | {:.3} | {:.3} | {:.4} | {cpu:.1} |",
         opt.nodes,
         fleet / bound,
+        fleet / direct,
         served as f64 / repo_size as f64
     );
+    println!("{}", uplink.describe(rate_bits(&opt.uplink)?, fleet));
     if opt.ttfb {
         ttfb(&lab, &hub, tmp.path())?;
     }
@@ -118,9 +121,9 @@ fn direct_download(lab: &NetLab, hub: &FakeHub) -> Result<f64> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
-/// Every node fetches the repo at once; returns the seconds until the last one is done, and
-/// the fleet's CPU-seconds.
-fn run_fleet(opt: &Opt, lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<(f64, f64)> {
+/// Every node fetches the repo at once; returns the seconds until the last one is done, the
+/// fleet's CPU-seconds, and what the uplink carried when.
+fn run_fleet(opt: &Opt, lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<(f64, f64, Timeline)> {
     let env = [("HF_ENDPOINT", hub.endpoint.as_str())];
     let mut nodes = Vec::new();
     for i in 2..=opt.nodes + 1 {
@@ -141,6 +144,24 @@ fn run_fleet(opt: &Opt, lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<(f64,
         .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
         .sum();
     let start = Instant::now();
+    let sampling = AtomicBool::new(true);
+    let (last, timeline) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| Timeline::sample(lab, start, &sampling));
+        let last = wait_for_fetches(&nodes, start);
+        sampling.store(false, Ordering::Relaxed);
+        (last, sampler.join().expect("sampler panicked"))
+    });
+    let (last, timeline) = (last?, timeline?);
+    let cpu: f64 = nodes
+        .iter()
+        .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
+        .sum::<f64>()
+        - cpu0;
+    Ok((last, cpu, timeline))
+}
+
+/// Starts `mesh fetch` on every node and waits for all; the seconds until the last is done.
+fn wait_for_fetches(nodes: &[NodeProc], start: Instant) -> Result<f64> {
     let fetches: Vec<_> = nodes
         .iter()
         .map(|n| {
@@ -168,12 +189,51 @@ fn run_fleet(opt: &Opt, lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<(f64,
         );
         last = last.max(done);
     }
-    let cpu: f64 = nodes
-        .iter()
-        .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
-        .sum::<f64>()
-        - cpu0;
-    Ok((last, cpu))
+    Ok(last)
+}
+
+/// The Hub's uplink (host 1's shaped link) sampled every [`Timeline::EVERY`]: where the fleet's
+/// time goes, before the Hub's first byte, while it sends, and after its last.
+struct Timeline {
+    /// (seconds since the fetches started, bytes the uplink carried since then).
+    samples: Vec<(f64, u64)>,
+}
+
+impl Timeline {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn sample(lab: &NetLab, start: Instant, running: &AtomicBool) -> Result<Self> {
+        let base = lab.link_counters(1)?.0.bytes;
+        let mut samples = Vec::new();
+        while running.load(Ordering::Relaxed) {
+            let bytes = lab.link_counters(1)?.0.bytes - base;
+            samples.push((start.elapsed().as_secs_f64(), bytes));
+            std::thread::sleep(Self::EVERY);
+        }
+        Ok(Self { samples })
+    }
+
+    /// One line: when the Hub's bytes started and ended, how busy the uplink was between,
+    /// and how long the fleet took after them.
+    fn describe(&self, rate_bits: u64, fleet: f64) -> String {
+        let total = self.samples.last().map_or(0, |s| s.1);
+        // Metadata calls are a few kB; content starts when the count passes 64 kB.
+        let first = self.samples.iter().find(|s| s.1 > 64 << 10);
+        let last = self.samples.iter().find(|s| s.1 >= total);
+        let (Some(first), Some(last)) = (first, last) else {
+            return "uplink: no content bytes seen".into();
+        };
+        let busy = (last.1 - first.1) as f64 * 8.0 / rate_bits as f64;
+        let span = last.0 - first.0;
+        format!(
+            "uplink (sampled every {} ms): content from {:.2} s to {:.2} s, {:.0}% busy between; fleet done {:.2} s after the last Hub byte",
+            Self::EVERY.as_millis(),
+            first.0,
+            last.0,
+            100.0 * busy / span.max(1e-9),
+            fleet - last.0
+        )
+    }
 }
 
 /// Time to the first byte of a cold 1 GiB file, through node 2's HF endpoint and straight
