@@ -76,6 +76,10 @@ pub fn mesh_cmd(home: &Path, key: Option<&str>, netns: Option<&str>) -> Command 
         .env_remove("RUST_LOG")
         .env("OLLAMA_MODELS", home.join("ollama"))
         .env_remove("OLLAMA_REGISTRY");
+    if let Ok(filter) = std::env::var("MESH_TEST_LOG") {
+        // A log filter for the nodes under test only (RUST_LOG would also reach the harness).
+        cmd.env("RUST_LOG", filter);
+    }
     if netns.is_none() {
         // Loopback tests name their peers; mDNS would let concurrent tests find each other.
         cmd.env("MESH_NO_MDNS", "1");

@@ -40,6 +40,10 @@ struct Opt {
     /// Also measure the time to the first byte of a cold 1 GiB file through the endpoint.
     #[arg(long)]
     ttfb: bool,
+    /// Copy each node's log here (as `node-N.log`) when the fleet is done; set
+    /// `MESH_TEST_LOG=mesh_node=debug` for more detail.
+    #[arg(long)]
+    logs: Option<std::path::PathBuf>,
 }
 
 const KEY: &str = "bench-hf-key";
@@ -92,6 +96,7 @@ fn main() -> Result<()> {
         served as f64 / repo_size as f64
     );
     println!("{}", uplink.describe(rate_bits(&opt.uplink)?, fleet));
+    println!("{}", uplink.busy_per_half_second(rate_bits(&opt.uplink)?));
     if opt.ttfb {
         ttfb(&lab, &hub, tmp.path())?;
     }
@@ -152,6 +157,12 @@ fn run_fleet(opt: &Opt, lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<(f64,
         (last, sampler.join().expect("sampler panicked"))
     });
     let (last, timeline) = (last?, timeline?);
+    if let Some(logs) = &opt.logs {
+        std::fs::create_dir_all(logs)?;
+        for (i, n) in nodes.iter().enumerate() {
+            std::fs::write(logs.join(format!("node-{}.log", i + 2)), n.log())?;
+        }
+    }
     let cpu: f64 = nodes
         .iter()
         .map(|n| proc_cpu_secs(n.child.id()).unwrap_or(0.0))
@@ -213,13 +224,33 @@ impl Timeline {
         Ok(Self { samples })
     }
 
+    /// The uplink's rate per half second, as a share of its configured rate.
+    fn busy_per_half_second(&self, rate_bits: u64) -> String {
+        let step = (500 / Self::EVERY.as_millis()) as usize;
+        let windows: Vec<String> = self
+            .samples
+            .windows(step + 1)
+            .step_by(step)
+            .map(|w| {
+                let (a, b) = (w[0], w[step]);
+                let busy = (b.1 - a.1) as f64 * 8.0 / rate_bits as f64 / (b.0 - a.0);
+                format!("{:.0}", 100.0 * busy)
+            })
+            .collect();
+        format!("uplink busy % per 0.5 s: {}", windows.join(" "))
+    }
+
     /// One line: when the Hub's bytes started and ended, how busy the uplink was between,
     /// and how long the fleet took after them.
     fn describe(&self, rate_bits: u64, fleet: f64) -> String {
         let total = self.samples.last().map_or(0, |s| s.1);
-        // Metadata calls are a few kB; content starts when the count passes 64 kB.
+        // Metadata calls and closing handshakes are a few kB: content starts when the count
+        // passes 64 kB and ends within 64 kB of the total.
         let first = self.samples.iter().find(|s| s.1 > 64 << 10);
-        let last = self.samples.iter().find(|s| s.1 >= total);
+        let last = self
+            .samples
+            .iter()
+            .find(|s| s.1 + (64 << 10) >= total.max(64 << 10));
         let (Some(first), Some(last)) = (first, last) else {
             return "uplink: no content bytes seen".into();
         };

@@ -272,6 +272,7 @@ impl Fetcher {
             .push(partial.clone());
         let store = self.store.clone();
         let etag = file.etag().to_string();
+        let importing = std::time::Instant::now();
         let hash = blocking(move || {
             let (hash, _) = store.import_owned(&part)?;
             store.record_etag(&etag, hash)?;
@@ -279,6 +280,7 @@ impl Fetcher {
         })
         .await?;
         partial.discard_checkpoint();
+        debug!(path = %file.path, seconds = importing.elapsed().as_secs_f64(), "assembled file taken into the store");
         let tally = FileTally {
             from_peers: assembled.from_peers,
             from_hf: assembled.from_origin,

@@ -3,9 +3,9 @@
 //!
 //! The pieces nobody holds or fetches are split among the nodes assembling the file by
 //! rendezvous hash, as a seed's blocks are (see `swarm::layout::seed_order`): a node asks for
-//! its own pieces first (heaviest first); once it has none left to ask for, it helps as the
+//! its own pieces first, in file order; once it has none left to ask for, it helps as the
 //! first stand-in of an owner that is not keeping up (its unclaimed pieces did not get fewer
-//! for [`HELP_WAIT`]), taking that owner's pieces from the other end (lightest first) and
+//! for [`HELP_WAIT`]), taking that owner's pieces from the other end (the file's end) and
 //! leaving it as many as it asks for at once (the `reserve`). So nodes that start together
 //! never ask for the same piece, a fast node helps a slow one at the end, and the uplink stays
 //! busy to the end. (Helping any owner made nodes collide whenever the news of what an owner
@@ -77,7 +77,20 @@ impl OriginPlan {
         if ids == self.split && self.order.len() == pieces {
             return;
         }
-        self.order = (0..pieces).map(|p| seed_order(self.me, &ids, p)).collect();
+        // Owners go through their pieces in file order, so that the fleet's pieces arrive
+        // roughly in order and the published hash keeps up with them (it is computed in
+        // order); stand-ins take an owner's pieces from the end.
+        self.order = (0..pieces)
+            .map(|p| {
+                let ((rank, _), owner) = seed_order(self.me, &ids, p);
+                let key = if rank == 0 {
+                    p as u64
+                } else {
+                    u64::MAX - p as u64
+                };
+                ((rank, key), owner)
+            })
+            .collect();
         self.split = ids;
     }
 
@@ -211,6 +224,36 @@ mod tests {
         let mut asked = drain(&mut plan, &mut pieces, &[], Instant::now());
         asked.sort_unstable();
         assert_eq!(asked, (0..20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn owners_ask_in_file_order_and_stand_ins_from_the_end() {
+        let mut plan = OriginPlan::new(7, 20);
+        let mut pieces = all_free(20);
+        let asked = drain(&mut plan, &mut pieces, &[], Instant::now());
+        assert_eq!(asked, (0..20).collect::<Vec<_>>(), "alone: in file order");
+        let (a, b) = (11u64, 22u64);
+        let mut plan = OriginPlan::new(a, 64);
+        let pieces = all_free(64);
+        let start = Instant::now();
+        let own = plan.next(&pieces, vec![b], None, true, 64, 1, start);
+        assert!(
+            own.windows(2).all(|w| w[0] < w[1]),
+            "own pieces in order: {own:?}"
+        );
+        // Once b has been idle long enough, a takes b's pieces from the file's end.
+        let mut pieces = pieces;
+        for &p in &own {
+            pieces[p].ours = true;
+        }
+        plan.next(&pieces, vec![b], None, true, 1, 1, start);
+        let later = start + STAND_IN_WAIT * 2;
+        let helped = plan.next(&pieces, vec![b], None, true, 64, 1, later);
+        assert!(!helped.is_empty());
+        assert!(
+            helped.windows(2).all(|w| w[0] > w[1]),
+            "b's pieces from the end: {helped:?}"
+        );
     }
 
     #[test]
