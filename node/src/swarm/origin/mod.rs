@@ -6,8 +6,9 @@
 //! (`transfer::pieces`), and only between mesh members (every connection is authenticated).
 //! Each node advertises the pieces it holds and is fetching, with a random node id. A piece a
 //! peer holds is fetched from that peer; a piece nobody holds or fetches goes to the origin,
-//! split among the nodes assembling the file by rendezvous hash ([`plan`]). When all pieces
-//! are there the whole file is checked against its published hash; on a mismatch the pieces
+//! split among the nodes assembling the file by rendezvous hash ([`plan`]). The published hash
+//! is computed in file order as pieces arrive ([`prefix`]); when all pieces are there the
+//! whole file is checked against it; on a mismatch the pieces
 //! that came from peers are dropped, those peers are banned for this file, and the pieces are
 //! fetched from the origin instead.
 //!
