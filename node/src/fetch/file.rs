@@ -273,8 +273,14 @@ impl Fetcher {
         let store = self.store.clone();
         let etag = file.etag().to_string();
         let importing = std::time::Instant::now();
+        let built = assembled.outboard.clone();
         let hash = blocking(move || {
-            let (hash, _) = store.import_owned(&part)?;
+            let (hash, _) = match built {
+                Some((hash, outboard)) => {
+                    store.import_owned_with_outboard(&part, hash, &outboard)?
+                }
+                None => store.import_owned(&part)?,
+            };
             store.record_etag(&etag, hash)?;
             Ok(hash)
         })

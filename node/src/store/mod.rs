@@ -20,6 +20,7 @@ pub mod digest;
 mod error;
 mod import;
 pub mod lifecycle;
+mod outboard;
 mod partial;
 pub mod pieces;
 pub mod ranges;
@@ -40,9 +41,9 @@ use positioned_io::RandomAccessFile;
 use serde::{Deserialize, Serialize};
 
 pub use self::error::{disk_full, StoreError, DISK_FULL_HINT, QUOTA_HINT};
-pub use self::import::AddProgress;
 pub use self::partial::{PartialBlob, Verified, Written};
 use self::pieces::PieceFiles;
+pub use self::{import::AddProgress, outboard::PieceOutboard};
 
 /// Bytes `MESH_HOME/reserve` holds back, so that the database can still record what was
 /// verified when the disk fills up (see [`Store::release_reserve`]).
@@ -495,20 +496,42 @@ impl Store {
     pub fn import_owned(&self, path: &Path) -> Result<(Hash, u64), StoreError> {
         let file = fs::File::open(path).map_err(StoreError::io(path))?;
         let size = file.metadata().map_err(StoreError::io(path))?.len();
-        // Named after this process, so `mesh gc` knows a leftover from a dead one.
-        let tmp = path.with_extension(format!("{}.obao.tmp", std::process::id()));
+        let tmp = Self::outboard_tmp_path(path);
         let outboard = create_private(&tmp).map_err(StoreError::io(&tmp))?;
         let hash =
-            import::outboard_post_order(&file, size, &outboard).map_err(StoreError::io(path))?;
+            outboard::outboard_post_order(&file, size, &outboard).map_err(StoreError::io(path))?;
         outboard.sync_all().map_err(StoreError::io(&tmp))?;
+        self.take_owned(path, hash, &tmp)
+    }
+
+    /// Where the outboard of a file at `path` is built before the store takes both. Named
+    /// after this process, so `mesh gc` knows a leftover from a dead one.
+    pub(crate) fn outboard_tmp_path(path: &Path) -> PathBuf {
+        path.with_extension(format!("{}.obao.tmp", std::process::id()))
+    }
+
+    /// [`Store::import_owned`] for a file whose BLAKE3 root and outboard (synced, at
+    /// `outboard`) were built as it arrived ([`PieceOutboard`]), from the same bytes.
+    pub fn import_owned_with_outboard(
+        &self,
+        path: &Path,
+        hash: Hash,
+        outboard: &Path,
+    ) -> Result<(Hash, u64), StoreError> {
+        self.take_owned(path, hash, outboard)
+    }
+
+    /// Moves the file at `path` and its outboard at `tmp` into `blobs/` as blob `hash`.
+    fn take_owned(&self, path: &Path, hash: Hash, tmp: &Path) -> Result<(Hash, u64), StoreError> {
+        let size = fs::metadata(path).map_err(StoreError::io(path))?.len();
         if size == 0 || self.data_path(hash).is_ok() {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(tmp);
             let _ = fs::remove_file(path);
             return Ok((hash, size));
         }
         let data_path = self.blob_path(hash, "data");
         let ob_path = self.outboard_path(hash);
-        fs::rename(&tmp, &ob_path).map_err(StoreError::io(&ob_path))?;
+        fs::rename(tmp, &ob_path).map_err(StoreError::io(&ob_path))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))
             .map_err(StoreError::io(path))?;
         fs::rename(path, &data_path).map_err(StoreError::io(&data_path))?;

@@ -284,6 +284,17 @@ impl PieceFile {
         }
     }
 
+    /// A builder of this file's outboard piece by piece, next to it, for a file of more than
+    /// one piece (`None`: hash it whole).
+    pub fn outboard_builder(&self) -> io::Result<Option<super::PieceOutboard>> {
+        if self.size <= PIECE_BYTES {
+            return Ok(None);
+        }
+        let tmp = super::Store::outboard_tmp_path(&self.path);
+        let file = super::create_private(&tmp)?;
+        super::PieceOutboard::new(file, tmp, self.size, PIECE_BYTES).map(Some)
+    }
+
     /// Whether `piece` is here.
     pub fn has(&self, piece: usize) -> bool {
         self.lock().have.get(piece).copied().unwrap_or(false)

@@ -37,7 +37,7 @@ fn parallel_outboard_matches_bao_tree() {
         let path = dir.path().join("f");
         fs::write(&path, &data).unwrap();
         let ob_path = dir.path().join("ob");
-        let hash = import::outboard_post_order(
+        let hash = outboard::outboard_post_order(
             &fs::File::open(&path).unwrap(),
             size,
             &fs::File::create(&ob_path).unwrap(),

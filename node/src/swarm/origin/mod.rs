@@ -26,6 +26,7 @@ use std::{
 
 use std::{future::Future, path::PathBuf};
 
+use mesh_proto::Hash;
 use tokio::{
     sync::{mpsc, watch},
     task::{AbortHandle, JoinSet},
@@ -156,6 +157,9 @@ pub struct Assembled {
     pub from_peers: u64,
     /// The peers that sent pieces, in this run.
     pub peers: BTreeSet<SocketAddr>,
+    /// The file's BLAKE3 root and outboard (a temporary file), built as the pieces came;
+    /// `None`: hash the file whole.
+    pub outboard: Option<(Hash, PathBuf)>,
 }
 
 /// Assembles `file` into `partial` from peers and `origin`, then checks it against its
@@ -295,9 +299,9 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
         if let Err(e) = self.prefix.advance(&self.partial, true).await {
             return io_error(e, &self.partial);
         }
-        let digest = self
+        let (digest, outboard) = self
             .prefix
-            .finish(&self.partial)
+            .finish()
             .expect("every piece is here and hashed");
         debug!(file = %self.file.name, seconds = hashing.elapsed().as_secs_f64(), "every piece here; the rest hashed and checked against the published hash");
         if digest == self.file.published.hex() {
@@ -305,8 +309,10 @@ impl<'a, O: RangeOrigin> Assembly<'a, O> {
                 from_origin: self.from_origin,
                 from_peers: self.from_peers,
                 peers: std::mem::take(&mut self.peers_used),
+                outboard: prefix::finish_outboard(outboard),
             }));
         }
+        drop(outboard);
         let culprits = self.partial.drop_pieces_from_peers();
         if let Err(source) = self.partial.checkpoint() {
             let path = self.partial.path().to_path_buf();
