@@ -48,6 +48,7 @@ struct Opt {
 
 const KEY: &str = "bench-hf-key";
 const REPO: &str = "org/bench";
+const BIG_REPO: &str = "org/bench-big";
 
 fn main() -> Result<()> {
     let opt = Opt::parse();
@@ -61,18 +62,18 @@ fn main() -> Result<()> {
     make_file(&repo.join("weights.safetensors"), size)?;
     std::fs::write(repo.join("config.json"), b"{\"bench\": true}\n")?;
     let repo_size = size + 16;
+    // The 1 GiB file for --ttfb is a repo of its own, so the fleet's fetch leaves it cold.
+    let big = tmp.path().join("big");
+    let mut repos = vec![format!("{REPO}={}", repo.display())];
     if opt.ttfb {
-        make_file(&repo.join("big.safetensors"), 1 << 30)?;
+        std::fs::create_dir_all(&big)?;
+        make_file(&big.join("big.safetensors"), 1 << 30)?;
+        repos.push(format!("{BIG_REPO}={}", big.display()));
     }
+    let hub_args: Vec<&str> = repos.iter().flat_map(|r| ["--repo", r.as_str()]).collect();
     let lab = NetLab::up("mhf", "10.84.0", opt.nodes + 1, Some(&opt.lan))?;
     lab.set_rate(1, &opt.uplink)?;
-    let spec = format!("{REPO}={}", repo.display());
-    let hub = FakeHub::start(
-        tmp.path(),
-        Some(&lab.ns(1)),
-        &lab.addr(1),
-        &["--repo", &spec],
-    )?;
+    let hub = FakeHub::start(tmp.path(), Some(&lab.ns(1)), &lab.addr(1), &hub_args)?;
     let bound = repo_size as f64 * 8.0 / rate_bits(&opt.uplink)? as f64;
     let direct = direct_download(&lab, &hub)?;
     let served0 = served(&hub, &lab)?;
@@ -267,8 +268,8 @@ impl Timeline {
     }
 }
 
-/// Time to the first byte of a cold 1 GiB file, through node 2's HF endpoint and straight
-/// from the Hub (both from inside host 2 and 3, aborted after 5 s).
+/// Time to the first byte of a cold 1 GiB file, through the HF endpoint of a new node on host
+/// 2 and straight from the Hub (from host 3); each curl is aborted after 5 s.
 fn ttfb(lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<()> {
     let first_byte = |host: usize, url: &str| -> Result<f64> {
         let out = lab
@@ -281,22 +282,35 @@ fn ttfb(lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<()> {
                 "--max-time",
                 "5",
                 "-w",
-                "%{time_starttransfer}",
+                "%{http_code} %{time_starttransfer}",
                 url,
             ])
             .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        match text.split_once(' ') {
+            Some(("200", t)) => Ok(t.parse()?),
+            _ => bail!("curl {url} from host {host}: {text}"),
+        }
     };
     let direct = first_byte(
         3,
-        &format!("{}/{REPO}/resolve/main/big.safetensors", hub.endpoint),
+        &format!("{}/{BIG_REPO}/resolve/main/big.safetensors", hub.endpoint),
     )?;
-    let info: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("h2/node.json"))?)?;
-    let api = info["api"].as_str().context("node api")?;
+    let env = [("HF_ENDPOINT", hub.endpoint.as_str())];
+    let node = NodeProc::start_env(
+        &dir.join("ttfb"),
+        Some(KEY),
+        Some(&lab.ns(2)),
+        &lab.addr(2),
+        &[],
+        &env,
+    )?;
     let via = first_byte(
         2,
-        &format!("http://{api}/{REPO}/resolve/main/big.safetensors"),
+        &format!(
+            "http://{}/{BIG_REPO}/resolve/main/big.safetensors",
+            node.api
+        ),
     )?;
     println!("\ntime to first byte of a cold 1 GiB file: {via:.3} s through the node, {direct:.3} s from the Hub directly");
     Ok(())
