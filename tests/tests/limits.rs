@@ -242,7 +242,27 @@ fn fill(path: &Path) -> std::io::Error {
 
 #[test]
 fn a_disk_full_mid_fetch_exits_6_with_a_hint_and_a_rerun_resumes() {
-    if !prereq::root("a_disk_full_mid_fetch_exits_6_with_a_hint_and_a_rerun_resumes") {
+    disk_full_mid_fetch(
+        "a_disk_full_mid_fetch_exits_6_with_a_hint_and_a_rerun_resumes",
+        false,
+    );
+}
+
+/// The same through a node that keeps running on the full disk (as under systemd): its
+/// store must take writes again once there is room, without a restart.
+#[test]
+fn a_running_node_whose_disk_filled_up_resumes_without_a_restart() {
+    disk_full_mid_fetch(
+        "a_running_node_whose_disk_filled_up_resumes_without_a_restart",
+        true,
+    );
+}
+
+/// A fetch into a store on a 40 MiB tmpfs that fills up mid-way: exit 6 with one error line
+/// and a hint, nothing in the target; then room again, and a re-run resumes. With
+/// `running_node`, both fetches go through one `mesh node` on that store.
+fn disk_full_mid_fetch(test: &str, running_node: bool) {
+    if !prereq::root(test) {
         return;
     }
     const SIZE: u64 = 24 << 20;
@@ -260,6 +280,7 @@ fn a_disk_full_mid_fetch_exits_6_with_a_hint_and_a_rerun_resumes() {
     let disk = Tmpfs::mount(&tmp.path().join("disk"), 40);
     let home = disk.0.join("home");
     let out = disk.0.join("out");
+    let node = running_node.then(|| NodeProc::start(&home, None, "127.0.0.1", &[]).unwrap());
     let args = [
         "fetch",
         "demo",
@@ -269,12 +290,16 @@ fn a_disk_full_mid_fetch_exits_6_with_a_hint_and_a_rerun_resumes() {
         "--to",
         out.to_str().unwrap(),
     ];
-    let child = mesh_cmd(&home, None, None)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let fetch = || match &node {
+        Some(node) => node.spawn_cli(&args),
+        None => mesh_cmd(&home, None, None)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    };
+    let child = fetch();
     // Once a few MB are verified and written, the disk fills up.
     let partial = home.join("partial");
     let deadline = Instant::now() + TIMEOUT;
@@ -315,7 +340,7 @@ fn a_disk_full_mid_fetch_exits_6_with_a_hint_and_a_rerun_resumes() {
     );
 
     std::fs::remove_file(&filler).unwrap();
-    let again = mesh(&home, None, &args);
+    let again = finish(fetch(), "mesh fetch (room again)", TIMEOUT);
     assert!(again.status.success());
     let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     let kept = report["bytes_already_local"].as_u64().unwrap();
@@ -324,4 +349,9 @@ fn a_disk_full_mid_fetch_exits_6_with_a_hint_and_a_rerun_resumes() {
         "the re-run started from {kept} verified bytes"
     );
     assert_same_tree(&src, &out);
+    if let Some(node) = &node {
+        // And the node's store still records what it is asked to.
+        let ls = finish(node.spawn_cli(&["ls", "--json"]), "mesh ls", TIMEOUT);
+        assert!(String::from_utf8_lossy(&ls.stdout).contains("\"complete\":true"));
+    }
 }
