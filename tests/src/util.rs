@@ -237,6 +237,18 @@ impl NodeProc {
             .expect("mesh runs")
     }
 
+    /// Runs `mesh fetch MODEL --json --to HOME/out` on this node; does not wait.
+    pub fn spawn_fetch_to_out(&self, model: &str) -> Child {
+        let out = self.home.join("out");
+        self.spawn_cli(&[
+            "fetch",
+            model,
+            "--json",
+            "--to",
+            out.to_str().expect("UTF-8 path"),
+        ])
+    }
+
     /// The node's peer table, `mesh peers --json` run in its namespace (whose loopback API
     /// this process can't reach).
     pub fn peer_table(&self) -> Result<Vec<serde_json::Value>> {

@@ -36,13 +36,7 @@ fn a_fleet_behind_a_thin_uplink_pulls_each_hf_byte_once() {
         })
         .collect();
     wait_for_full_mesh(&nodes, Duration::from_secs(90)).unwrap();
-    let fetches: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let out = n.home.join("out");
-            n.spawn_cli(&["fetch", REPO, "--json", "--to", out.to_str().unwrap()])
-        })
-        .collect();
+    let fetches: Vec<_> = nodes.iter().map(|n| n.spawn_fetch_to_out(REPO)).collect();
     let mut from_hf = 0;
     for (i, child) in fetches.into_iter().enumerate() {
         let run = finish(

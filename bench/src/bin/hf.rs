@@ -174,13 +174,7 @@ fn run_fleet(opt: &Opt, lab: &NetLab, hub: &FakeHub, dir: &Path) -> Result<(f64,
 
 /// Starts `mesh fetch` on every node and waits for all; the seconds until the last is done.
 fn wait_for_fetches(nodes: &[NodeProc], start: Instant) -> Result<f64> {
-    let fetches: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let out = n.home.join("out");
-            n.spawn_cli(&["fetch", REPO, "--json", "--to", out.to_str().unwrap()])
-        })
-        .collect();
+    let fetches: Vec<_> = nodes.iter().map(|n| n.spawn_fetch_to_out(REPO)).collect();
     let mut last = 0.0f64;
     for (i, child) in fetches.into_iter().enumerate() {
         let out = child.wait_with_output()?;

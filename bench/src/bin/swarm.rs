@@ -132,10 +132,7 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
     let start = Instant::now();
     let fetches: Vec<_> = nodes[1..]
         .iter()
-        .map(|n| {
-            let out = n.home.join("out");
-            n.spawn_cli(&["fetch", "bench", "--json", "--to", out.to_str().unwrap()])
-        })
+        .map(|n| n.spawn_fetch_to_out("bench"))
         .collect();
     let mut last = 0.0f64;
     for (i, mut child) in fetches.into_iter().enumerate() {
