@@ -1,5 +1,5 @@
 //! Shared pieces of mesh's benchmarks: test files, CPU accounting for child processes, and
-//! the plain-TCP baseline.
+//! the plain-TCP and raw-QUIC baselines.
 
 use std::{
     io::{Read, Write},
@@ -8,6 +8,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+
+mod quic;
+pub use quic::{quic_get, quic_serve};
 
 /// Writes `size` bytes of incompressible test data to `path` without holding it in memory.
 pub fn make_file(path: &Path, size: u64) -> Result<()> {

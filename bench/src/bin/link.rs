@@ -1,6 +1,6 @@
 //! Single-link benchmark: one large file between two `mesh` nodes, on loopback and between two
-//! network-namespace hosts on a tbf-shaped link, against a plain TCP copy measured in the same
-//! run. Prints seconds, MB/s and the CPU seconds of both sides.
+//! network-namespace hosts on a tbf-shaped link, against a plain TCP copy and one raw QUIC
+//! stream (mesh's endpoint, nothing of mesh above it) measured in the same run. Prints seconds, MB/s and the CPU seconds of both sides.
 //!
 //! `cargo build --release -p mesh-cli -p mesh-bench && sudo target/release/link`
 
@@ -44,6 +44,8 @@ struct Opt {
 enum Helper {
     TcpServe { file: PathBuf, addr: String },
     TcpGet { addr: String, out: PathBuf },
+    QuicServe { file: PathBuf, addr: String },
+    QuicGet { addr: String, out: PathBuf },
 }
 
 /// One measured transfer.
@@ -62,6 +64,8 @@ fn main() -> Result<()> {
     match &opt.helper {
         Some(Helper::TcpServe { file, addr }) => return tcp_serve(file, addr),
         Some(Helper::TcpGet { addr, out }) => return tcp_get(addr, out),
+        Some(Helper::QuicServe { file, addr }) => return quic_serve(file, addr),
+        Some(Helper::QuicGet { addr, out }) => return quic_get(addr, out),
         None => {}
     }
     let tmp = tempfile::tempdir()?;
@@ -108,7 +112,17 @@ fn main() -> Result<()> {
         want,
     )?);
     if !opt.no_tcp {
-        rows.push(run_tcp(&dir, &file, "loopback", None, "127.0.0.1", want)?);
+        for copy in [Copy::Tcp, Copy::Quic] {
+            rows.push(run_copy(
+                copy,
+                &dir,
+                &file,
+                "loopback",
+                None,
+                "127.0.0.1",
+                want,
+            )?);
+        }
     }
     if !opt.loopback_only {
         if !mesh_tests::netlab::available() {
@@ -127,40 +141,43 @@ fn main() -> Result<()> {
                 want,
             )?);
             if !opt.no_tcp {
-                rows.push(run_tcp(&dir, &file, &case, Some(&lab), &lab.addr(1), want)?);
+                for copy in [Copy::Tcp, Copy::Quic] {
+                    let ip = lab.addr(1);
+                    rows.push(run_copy(copy, &dir, &file, &case, Some(&lab), &ip, want)?);
+                }
             }
         }
     }
     println!("\n{} MiB, one sender to one receiver", opt.size_mib);
     println!(
-        "| case | tool | seconds | MB/s | sender CPU-s | receiver CPU-s | time vs TCP | CPU vs TCP (send / recv) | peak RSS MB (send / recv) |"
+        "| case | tool | seconds | MB/s | sender CPU-s | receiver CPU-s | time vs TCP | CPU vs TCP (send / recv) | CPU vs QUIC stream (send / recv) | peak RSS MB (send / recv) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
-        let tcp = rows
-            .iter()
-            .find(|r| r.case == row.case && r.tool == "tcp copy")
-            .map(|r| r.secs);
-        let tcp_row = rows
-            .iter()
-            .find(|r| r.case == row.case && r.tool == "tcp copy");
+        let baseline = |tool: &str| rows.iter().find(|r| r.case == row.case && r.tool == tool);
+        let cpu_ratio = |base: Option<&Row>| {
+            base.map(|b| {
+                format!(
+                    "{:.1}x / {:.1}x",
+                    row.sender_cpu / b.sender_cpu,
+                    row.receiver_cpu / b.receiver_cpu
+                )
+            })
+            .unwrap_or_default()
+        };
+        let tcp = baseline(Copy::Tcp.tool());
         println!(
-            "| {} | {} | {:.2} | {:.1} | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {:.2} | {:.1} | {:.2} | {:.2} | {} | {} | {} | {} |",
             row.case,
             row.tool,
             row.secs,
             size as f64 / row.secs / 1e6,
             row.sender_cpu,
             row.receiver_cpu,
-            tcp.map(|t| format!("{:.2}x", row.secs / t))
+            tcp.map(|t| format!("{:.2}x", row.secs / t.secs))
                 .unwrap_or_default(),
-            tcp_row
-                .map(|t| format!(
-                    "{:.1}x / {:.1}x",
-                    row.sender_cpu / t.sender_cpu,
-                    row.receiver_cpu / t.receiver_cpu
-                ))
-                .unwrap_or_default(),
+            cpu_ratio(tcp),
+            cpu_ratio(baseline(Copy::Quic.tool())),
             row.rss
                 .map(|(s, r)| format!("{:.0} / {:.0}", s as f64 / 1e6, r as f64 / 1e6))
                 .unwrap_or_default(),
@@ -253,7 +270,33 @@ fn run_mesh(
     })
 }
 
-fn run_tcp(
+/// A baseline copy of the same file between the same two hosts.
+#[derive(Clone, Copy)]
+enum Copy {
+    /// `std::io::copy` into a TCP socket.
+    Tcp,
+    /// One QUIC stream on mesh's own endpoint, nothing of mesh above it.
+    Quic,
+}
+
+impl Copy {
+    fn tool(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp copy",
+            Self::Quic => "quic stream",
+        }
+    }
+
+    fn helpers(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Tcp => ("tcp-serve", "tcp-get"),
+            Self::Quic => ("quic-serve", "quic-get"),
+        }
+    }
+}
+
+fn run_copy(
+    copy: Copy,
     dir: &Path,
     file: &Path,
     case: &str,
@@ -263,35 +306,37 @@ fn run_tcp(
 ) -> Result<Row> {
     let me = std::env::current_exe()?;
     let addr = format!("{ip}:7399");
+    let (serve, get) = copy.helpers();
     let mut server = spawn_in(lab, 1, &me)
-        .args(["tcp-serve"])
+        .args([serve])
         .arg(file)
         .arg(&addr)
         .spawn()?;
-    let out = dir.join("tcp.out");
+    let out = dir.join("copy.out");
     let cpu0 = children_cpu_secs();
     let server_cpu0 = proc_cpu_secs(server.id())?;
-    let get = spawn_in(lab, 2, &me)
-        .args(["tcp-get", &addr])
+    let got = spawn_in(lab, 2, &me)
+        .args([get, &addr])
         .arg(&out)
         .output()?;
     let receiver_cpu = children_cpu_secs() - cpu0;
     let sender_cpu = proc_cpu_secs(server.id()).unwrap_or(0.0) - server_cpu0;
     let _ = server.wait();
-    if !get.status.success() {
-        bail!("tcp copy failed: {}", String::from_utf8_lossy(&get.stderr));
+    let tool = copy.tool();
+    if !got.status.success() {
+        bail!("{tool} failed: {}", String::from_utf8_lossy(&got.stderr));
     }
-    let secs: f64 = String::from_utf8_lossy(&get.stdout)
+    let secs: f64 = String::from_utf8_lossy(&got.stdout)
         .trim()
         .parse()
-        .context("tcp-get output")?;
+        .with_context(|| format!("{get} output"))?;
     if file_hash(&out)? != want {
-        bail!("tcp copy differs");
+        bail!("{tool} differs");
     }
     std::fs::remove_file(&out)?;
     Ok(Row {
         case: case.into(),
-        tool: "tcp copy",
+        tool,
         secs,
         sender_cpu,
         receiver_cpu,

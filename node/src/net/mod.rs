@@ -45,6 +45,11 @@ const RECEIVE_WINDOW_TIME: Duration = Duration::from_millis(25);
 const WINDOW_TUNE_EVERY: Duration = Duration::from_millis(250);
 /// How often they are looked at while no connection receives anything.
 const WINDOW_TUNE_IDLE: Duration = Duration::from_secs(1);
+/// How soon after a connection is added its rate is first sampled. Until then it has
+/// [`MIN_RECEIVE_WINDOW`], which holds a fast link to a fraction of its rate: waiting for the
+/// next regular look (up to [`WINDOW_TUNE_IDLE`] away) cost a 512 MiB loopback copy about a
+/// second.
+const WINDOW_FIRST_SAMPLE: Duration = Duration::from_millis(25);
 
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +129,14 @@ pub struct Net {
     /// Our certificate, to decide which of two connections between the same nodes stays.
     cert: Arc<[u8]>,
     /// The connections whose receive windows follow their rate.
-    tuned: Arc<std::sync::Mutex<Vec<quinn::Connection>>>,
+    tuned: Arc<Tuned>,
+}
+
+/// The connections [`tune_receive_windows`] looks after, and its wake-up for a new one.
+#[derive(Debug, Default)]
+struct Tuned {
+    conns: std::sync::Mutex<Vec<quinn::Connection>>,
+    added: tokio::sync::Notify,
 }
 
 impl Net {
@@ -290,9 +302,11 @@ impl Net {
 
     fn tune(&self, conn: &quinn::Connection) {
         self.tuned
+            .conns
             .lock()
             .expect("tuned connections lock poisoned")
             .push(conn.clone());
+        self.tuned.added.notify_one();
     }
 
     /// Of two connections between the same two nodes (one dialed by each), whether `conn`
@@ -356,26 +370,30 @@ fn transport_config() -> quinn::TransportConfig {
 /// Keeps each connection's receive window (what the peer may have in flight to us) at
 /// [`RECEIVE_WINDOW_TIME`] of what we receive on it, and at least [`MIN_RECEIVE_WINDOW`], until
 /// the endpoint is dropped. One task for all connections, ticking every [`WINDOW_TUNE_EVERY`]
-/// while any of them receives and every [`WINDOW_TUNE_IDLE`] while none does.
+/// while any of them receives and every [`WINDOW_TUNE_IDLE`] while none does, and
+/// [`WINDOW_FIRST_SAMPLE`] after a connection was added.
 ///
 /// When many peers send to one node, each of them fills its congestion window, and together
 /// they overflow the queue in front of that node's downlink (the switch port): drops,
 /// retransmissions and halved windows. Bounding what each may have in flight to about
 /// [`RECEIVE_WINDOW_TIME`] of its own rate keeps that queue short and loss-free, while a peer
 /// that speeds up is granted more within a tick. ARCHITECTURE.md has the measurements.
-async fn tune_receive_windows(conns: std::sync::Weak<std::sync::Mutex<Vec<quinn::Connection>>>) {
+async fn tune_receive_windows(tuned: std::sync::Weak<Tuned>) {
     // Per connection (by stable id): bytes received at the last look, and the window set.
     let mut seen: std::collections::HashMap<usize, (u64, u64, tokio::time::Instant)> =
         std::collections::HashMap::new();
     let mut wait = WINDOW_TUNE_IDLE;
     loop {
-        tokio::time::sleep(wait).await;
-        let Some(conns) = conns.upgrade() else {
+        let Some(tuned) = tuned.upgrade() else {
             return;
+        };
+        let added = tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
+            _ = tuned.added.notified() => true,
         };
         let now = tokio::time::Instant::now();
         let mut busy = false;
-        let mut list = conns.lock().expect("tuned connections lock poisoned");
+        let mut list = tuned.conns.lock().expect("tuned connections lock poisoned");
         list.retain(|c| c.close_reason().is_none());
         seen.retain(|id, _| list.iter().any(|c| c.stable_id() == *id));
         for conn in list.iter() {
@@ -396,7 +414,9 @@ async fn tune_receive_windows(conns: std::sync::Weak<std::sync::Mutex<Vec<quinn:
                 );
             }
         }
-        wait = if busy {
+        wait = if added {
+            WINDOW_FIRST_SAMPLE
+        } else if busy {
             WINDOW_TUNE_EVERY
         } else {
             WINDOW_TUNE_IDLE
