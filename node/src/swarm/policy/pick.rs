@@ -140,8 +140,10 @@ impl Policy {
             let BlockState::InFlight { requests, .. } = &block.state else {
                 continue;
             };
+            // A shared seed's upload is the swarm's bottleneck: a block someone else holds or
+            // is fetching (and passes on live) is never asked of it twice.
             let eligible = state.has_block[f][p]
-                && !(spare_seed && others(block) > 0 && !slow)
+                && !(spare_seed && others(block) > 0)
                 && requests.len() < 2
                 && requests.iter().all(|r| r.peer != addr);
             if eligible {
