@@ -2,12 +2,13 @@
 //! pieces quinn holds ([`StreamIn`]), a QUIC stream written in batches ([`StreamOut`]), and a
 //! blob's data and outboard as the encoder reads them ([`BlobData`], [`BlobOutboard`]).
 //!
-//! Both sides run in the request's own task: no thread hop per read or write. File I/O that
-//! may touch the disk goes to a blocking thread once per window of up to [`READ_WINDOW`]
-//! bytes; pending chunks (a download in progress passed on as it arrives) are waited for on
+//! Both sides run in the request's own task: no thread hop per read or write. A window of up
+//! to [`READ_WINDOW`] bytes is read in the task when the page cache holds all of it
+//! (`preadv2` with `RWF_NOWAIT`, which never waits for the disk), and on a blocking thread
+//! when it does not; pending chunks (a download in progress passed on as it arrives) are waited for on
 //! the download's change watch and read right after they were written, from the page cache.
 
-use std::{collections::VecDeque, io, sync::Arc};
+use std::{collections::VecDeque, fs::File, io, os::unix::fs::FileExt, sync::Arc};
 
 use bao_tree::{
     io::{fsm, outboard::PostOrderOutboard, sync::Outboard as _},
@@ -15,7 +16,7 @@ use bao_tree::{
 };
 use bytes::{Bytes, BytesMut};
 use iroh_io::{AsyncSliceReader, AsyncStreamReader, AsyncStreamWriter};
-use positioned_io::{RandomAccessFile, ReadAt};
+use positioned_io::RandomAccessFile;
 
 use crate::{discovery::PeerCounters, limits::Throttle, metrics::Metrics, store::PartialBlob};
 
@@ -194,7 +195,7 @@ impl AsyncStreamWriter for StreamOut<'_> {
 /// A blob's bytes as the encoder reads them: verified chunks from a window read on a blocking
 /// thread, pending ones once they are verified.
 pub(super) struct BlobData {
-    file: Arc<RandomAccessFile>,
+    file: Arc<File>,
     size: u64,
     /// Chunks verified when the blob was opened: readable without waiting.
     have: ChunkRanges,
@@ -213,6 +214,10 @@ impl BlobData {
         wanted: ChunkRanges,
         growing: Option<Arc<PartialBlob>>,
     ) -> Self {
+        let file = match file.try_into_inner() {
+            Ok(file) => file,
+            Err(_) => unreachable!("a RandomAccessFile on unix is a plain File"),
+        };
         Self {
             file: Arc::new(file),
             size,
@@ -256,17 +261,23 @@ impl AsyncSliceReader for BlobData {
             // Pending: wait until it is verified here, then read what was just written.
             partial.wait_verified(&chunks, false).await?;
             let mut buf = vec![0u8; len];
-            self.file.read_exact_at(offset, &mut buf)?;
+            self.file.read_exact_at(&mut buf, offset)?;
             return Ok(buf.into());
         }
         let read_end = self.window_end(offset).max(end);
-        let file = self.file.clone();
-        let window = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; (read_end - offset) as usize];
-            file.read_exact_at(offset, &mut buf).map(|()| buf)
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let window_len = (read_end - offset) as usize;
+        let window = match read_cached(&self.file, offset, window_len) {
+            Some(window) => window,
+            None => {
+                let file = self.file.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; window_len];
+                    file.read_exact_at(&mut buf, offset).map(|()| buf)
+                })
+                .await
+                .map_err(io::Error::other)??
+            }
+        };
         self.window = window.into();
         self.window_start = offset;
         Ok(self.window.slice(0..len))
@@ -275,6 +286,31 @@ impl AsyncSliceReader for BlobData {
     async fn size(&mut self) -> io::Result<u64> {
         Ok(self.size)
     }
+}
+
+/// `len` bytes at `offset` if the page cache holds all of them, read without blocking
+/// (`preadv2` with `RWF_NOWAIT`). `None` when any part would wait for the disk, and on any
+/// error or end of file: the blocking read that follows reports those.
+fn read_cached(file: &File, offset: u64, len: usize) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let filled = buf.len();
+        let iov = libc::iovec {
+            // SAFETY: within the allocation; the kernel writes at most `len - filled` bytes.
+            iov_base: unsafe { buf.as_mut_ptr().add(filled) }.cast(),
+            iov_len: len - filled,
+        };
+        let at = libc::off_t::try_from(offset + filled as u64).ok()?;
+        // SAFETY: `iov` points into `buf`'s spare capacity, valid for `iov_len` bytes.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        if n <= 0 {
+            return None;
+        }
+        // SAFETY: the kernel initialized `n` more bytes.
+        unsafe { buf.set_len(filled + n as usize) };
+    }
+    Some(buf)
 }
 
 fn ranges_cover(have: &ChunkRanges, chunks: &ChunkRanges) -> bool {
