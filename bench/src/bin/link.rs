@@ -26,7 +26,8 @@ struct Opt {
     /// Skip the namespace case.
     #[arg(long)]
     loopback_only: bool,
-    /// Skip the TCP copies (for sizes whose second copy would not fit on the disk).
+    /// Skip the TCP and QUIC baseline copies (for sizes whose second copy would not fit on the
+    /// disk).
     #[arg(long)]
     no_tcp: bool,
     /// A sparse test file (zeros): only the copies take disk space. Use for 16 GiB.
