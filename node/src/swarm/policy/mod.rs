@@ -66,6 +66,10 @@ const MAX_REQUESTS_PER_PEER: usize = 64;
 const PIPELINE_SECS: f64 = 0.6;
 /// A block in flight this long may be asked of a second peer.
 pub(crate) const SLOW_BLOCK: Duration = Duration::from_secs(10);
+/// A block in flight this long may be asked of a shared seed even while another peer holds
+/// or fetches it: the last resort for a fetch that hangs without failing. Earlier, a second
+/// request would make the seed (the swarm's bottleneck) send the block twice.
+const STUCK_BLOCK: Duration = Duration::from_secs(30);
 /// Give up when nothing is in flight and no peer offers a missing block for this long.
 pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the driver ticks: rates, stalls, slow blocks and re-subscriptions.

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Instant};
 
 use super::{
     Action, Ask, Asked, Block, BlockRequest, BlockState, Entry, Policy, RequestId,
-    MAX_LIVE_PER_PEER, SEED_DEPTH, SLOW_BLOCK, STAND_IN_WAIT,
+    MAX_LIVE_PER_PEER, SEED_DEPTH, SLOW_BLOCK, STAND_IN_WAIT, STUCK_BLOCK,
 };
 
 impl Policy {
@@ -130,7 +130,8 @@ impl Policy {
         let others = |block: &Block| block.avail.saturating_sub(seeds) + block.pending;
         let spare_seed = state.is_seed() && self.peers.len() > usize::from(seeds);
         for &(since, f, p) in &self.index.in_flight {
-            let slow = now.saturating_duration_since(since) >= SLOW_BLOCK;
+            let age = now.saturating_duration_since(since);
+            let slow = age >= SLOW_BLOCK;
             if !endgame && !slow {
                 // Oldest first: the rest are not slow either.
                 return None;
@@ -141,9 +142,9 @@ impl Policy {
                 continue;
             };
             // A shared seed's upload is the swarm's bottleneck: a block someone else holds or
-            // is fetching (and passes on live) is never asked of it twice.
+            // is fetching (and passes on live) is asked of it a second time only when stuck.
             let eligible = state.has_block[f][p]
-                && !(spare_seed && others(block) > 0)
+                && !(spare_seed && others(block) > 0 && age < STUCK_BLOCK)
                 && requests.len() < 2
                 && requests.iter().all(|r| r.peer != addr);
             if eligible {

@@ -199,6 +199,33 @@ fn a_stalled_peers_blocks_are_handed_on_after_slow_block() {
 }
 
 #[test]
+fn a_shared_seed_is_asked_twice_for_a_slow_block_only_when_it_is_stuck() {
+    let (seed, p) = (peer(2), peer(3));
+    let mut policy = with_holders(2, &[(seed, vec![0, 1]), (p, vec![0])]);
+    let t0 = Instant::now();
+    policy.schedule(t0);
+    let reqs = starts(&drain(&mut policy));
+    // p is asked for the block it holds, the seed for the one only it holds.
+    assert_eq!(blocks_of(&reqs, p), BTreeSet::from([0]));
+    assert_eq!(blocks_of(&reqs, seed), BTreeSet::from([1]));
+    let from_seed = reqs.iter().find(|r| r.peer == seed).unwrap();
+    policy.handle_done(from_seed, Outcome::Ok, true);
+
+    // p is slow with block 0. The seed is free, but p holds the block: a second request
+    // would make the seed send it although it is on its way.
+    policy.schedule(t0 + SLOW_BLOCK);
+    assert!(starts(&drain(&mut policy)).is_empty());
+    policy.schedule(t0 + STUCK_BLOCK - Duration::from_millis(1));
+    assert!(starts(&drain(&mut policy)).is_empty());
+
+    // Stuck: the seed takes it too.
+    policy.schedule(t0 + STUCK_BLOCK);
+    let handed = starts(&drain(&mut policy));
+    assert_eq!(blocks_of(&handed, seed), BTreeSet::from([0]));
+    assert_eq!(handed.len(), 1);
+}
+
+#[test]
 fn a_banned_peers_blocks_go_back_to_the_pool() {
     let (bad, good) = (peer(2), peer(3));
     let mut policy = with_holders(4, &[(bad, vec![0, 1, 2, 3]), (good, vec![0, 1, 2, 3])]);
