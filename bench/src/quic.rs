@@ -12,19 +12,14 @@ use mesh_node::net::Net;
 /// Bytes read from the file and handed to quinn per call.
 const CHUNK: usize = 1 << 20;
 
-/// A multi-threaded runtime, as a node has; file reads and writes block in place.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Runtime::new()
-}
-
 fn identity() -> Result<Vec<u8>> {
     Ok(rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?.serialize_der())
 }
 
 /// Serves `file` once, on one stream of the first connection to `addr`.
 pub fn quic_serve(file: &Path, addr: &str) -> Result<()> {
-    let runtime = runtime()?;
-    runtime.block_on(async {
+    // A multi-threaded runtime, as a node has; file I/O blocks in place.
+    tokio::runtime::Runtime::new()?.block_on(async {
         let net = Net::bind(addr.parse()?, &identity()?, None, true)?;
         let conn = net
             .endpoint()
@@ -59,8 +54,8 @@ pub fn quic_serve(file: &Path, addr: &str) -> Result<()> {
 
 /// Fetches from a [`quic_serve`] into `out` and fsyncs it, printing the seconds taken.
 pub fn quic_get(addr: &str, out: &Path) -> Result<()> {
-    let runtime = runtime()?;
-    runtime.block_on(async {
+    // A multi-threaded runtime, as a node has; file I/O blocks in place.
+    tokio::runtime::Runtime::new()?.block_on(async {
         let net = Net::bind("0.0.0.0:0".parse()?, &identity()?, None, false)?;
         let start = Instant::now();
         let conn = connect_retry(&net, addr.parse()?).await?;

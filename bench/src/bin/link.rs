@@ -1,6 +1,7 @@
 //! Single-link benchmark: one large file between two `mesh` nodes, on loopback and between two
 //! network-namespace hosts on a tbf-shaped link, against a plain TCP copy and one raw QUIC
-//! stream (mesh's endpoint, nothing of mesh above it) measured in the same run. Prints seconds, MB/s and the CPU seconds of both sides.
+//! stream (mesh's endpoint, nothing of mesh above it) measured in the same run. Prints
+//! seconds, MB/s and the CPU seconds of both sides.
 //!
 //! `cargo build --release -p mesh-cli -p mesh-bench && sudo target/release/link`
 

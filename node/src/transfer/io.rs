@@ -5,8 +5,9 @@
 //! Both sides run in the request's own task: no thread hop per read or write. A window of up
 //! to [`READ_WINDOW`] bytes is read in the task when the page cache holds all of it
 //! (`preadv2` with `RWF_NOWAIT`, which never waits for the disk), and on a blocking thread
-//! when it does not; pending chunks (a download in progress passed on as it arrives) are waited for on
-//! the download's change watch and read right after they were written, from the page cache.
+//! when it does not. Pending chunks (a download in progress passed on as it arrives) are
+//! waited for on the download's change watch and read right after they were written, from
+//! the page cache.
 
 use std::{collections::VecDeque, fs::File, io, os::unix::fs::FileExt, sync::Arc};
 
@@ -192,8 +193,8 @@ impl AsyncStreamWriter for StreamOut<'_> {
     }
 }
 
-/// A blob's bytes as the encoder reads them: verified chunks from a window read on a blocking
-/// thread, pending ones once they are verified.
+/// A blob's bytes as the encoder reads them: verified chunks from a window ([`read_cached`],
+/// or a blocking thread when the disk must be read), pending ones once they are verified.
 pub(super) struct BlobData {
     file: Arc<File>,
     size: u64,
