@@ -207,13 +207,11 @@ fn run_mesh(opt: &Opt, dir: &Path, file: &Path, size: u64) -> Result<(f64, f64)>
         .iter()
         .map(|(_, down)| down.bytes as f64 / size as f64)
         .collect();
-    let drops: u64 = links
-        .iter()
-        .map(|(up, down)| up.dropped + down.dropped)
-        .sum();
+    let up_drops: u64 = links.iter().map(|(up, _)| up.dropped).sum();
+    let down_drops: u64 = links.iter().map(|(_, down)| down.dropped).sum();
     eprintln!(
         "mesh on the wire: seed uplink {:.3}x the file; peers' downlinks {:.3}-{:.3}x; \
-         {drops} packets dropped by the links' queues",
+         packets dropped by the links' queues: {up_drops} going up, {down_drops} coming down",
         links[0].0.bytes as f64 / size as f64,
         downs.iter().copied().fold(f64::INFINITY, f64::min),
         downs.iter().copied().fold(0.0, f64::max),
