@@ -59,6 +59,11 @@ const WINDOW_FIRST_SAMPLE: Duration = Duration::from_millis(25);
 /// at the same size as with quinn's default bound, after a few lost probes.
 const MAX_DATAGRAM: u16 = 6500;
 
+/// quinn send priority of the streams that carry news and requests rather than data: a
+/// holdings frame or a block request goes out ahead of the block data queued on the same
+/// connection, which on a congested uplink can take seconds to drain, and peers decide on it.
+pub const CONTROL_PRIORITY: i32 = 1;
+
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -378,6 +378,7 @@ async fn subscribe_task(
     let id = conn.stable_id();
     let result: Result<(), StreamError> = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(StreamError::from_connection)?;
+        let _ = send.set_priority(crate::net::CONTROL_PRIORITY);
         write_frame(&mut send, &Request::Subscribe { hash }).await?;
         let _ = send.finish();
         loop {

@@ -144,6 +144,7 @@ pub async fn get_ranges(
         hash,
         ranges: ranges::to_spans(wanted, size),
     };
+    let _ = send.set_priority(crate::net::CONTROL_PRIORITY);
     write_frame(&mut send, &request).await.map_err(stream_err)?;
     let _ = send.finish();
     let header = match read_frame(&mut recv).await {

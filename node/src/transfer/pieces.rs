@@ -72,8 +72,7 @@ pub struct PieceNews {
 
 /// Serves a subscription: the current frame, then one after every change.
 pub async fn serve_subscription(partial: Arc<PieceFile>, mut send: quinn::SendStream) {
-    // News goes ahead of the pieces sharing the connection: peers decide on it.
-    let _ = send.set_priority(1);
+    let _ = send.set_priority(crate::net::CONTROL_PRIORITY);
     let mut changes = partial.subscribe();
     loop {
         if write_frame(&mut send, &partial.frame()).await.is_err() {
@@ -133,6 +132,7 @@ pub async fn subscribe(
     mut news: impl FnMut(PieceNews) -> bool,
 ) -> Result<(), StreamError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(StreamError::from_connection)?;
+    let _ = send.set_priority(crate::net::CONTROL_PRIORITY);
     write_frame(&mut send, &Request::HubSubscribe { etag }).await?;
     let _ = send.finish();
     loop {
@@ -176,6 +176,7 @@ pub async fn get_piece(
         etag: etag.to_string(),
         piece: piece as u32,
     };
+    let _ = send.set_priority(crate::net::CONTROL_PRIORITY);
     write_frame(&mut send, &request).await.map_err(stream)?;
     let _ = send.finish();
     match read_frame(&mut recv).await.map_err(stream)? {

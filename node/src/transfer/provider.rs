@@ -203,6 +203,7 @@ impl Provider {
         hash: mesh_proto::Hash,
         mut send: quinn::SendStream,
     ) -> Result<(), StreamError> {
+        let _ = send.set_priority(crate::net::CONTROL_PRIORITY);
         let mut sent = ChunkRanges::empty();
         let mut sent_pending = ChunkRanges::empty();
         let mut first = true;
