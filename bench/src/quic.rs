@@ -21,12 +21,8 @@ pub fn quic_serve(file: &Path, addr: &str) -> Result<()> {
     // A multi-threaded runtime, as a node has; file I/O blocks in place.
     tokio::runtime::Runtime::new()?.block_on(async {
         let net = Net::bind(addr.parse()?, &identity()?, None, true)?;
-        let conn = net
-            .endpoint()
-            .accept()
-            .await
-            .context("endpoint closed")?
-            .await?;
+        let incoming = net.endpoint().accept().await.context("endpoint closed")?;
+        let conn = net.accept(incoming)?.await?;
         net.authenticate(&conn).await?;
         let (mut send, _recv) = conn.open_bi().await?;
         let file = std::fs::File::open(file)?;

@@ -301,7 +301,11 @@ async fn accept_loop(
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let conn = match incoming.await {
+                let conn = match net.accept(incoming) {
+                    Ok(connecting) => connecting.await,
+                    Err(e) => Err(e),
+                };
+                let conn = match conn {
                     Ok(conn) => conn,
                     Err(e) => {
                         debug!("incoming connection failed: {e}");

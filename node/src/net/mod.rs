@@ -4,6 +4,7 @@
 //! connection only after both sides proved they hold the same mesh key; [`Net::authenticate`]
 //! is the accepting side of that. Frame helpers for the request streams live here too.
 
+mod mtu;
 mod tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -50,14 +51,6 @@ const WINDOW_TUNE_IDLE: Duration = Duration::from_secs(1);
 /// next regular look (up to [`WINDOW_TUNE_IDLE`] away) cost a 512 MiB loopback copy about a
 /// second.
 const WINDOW_FIRST_SAMPLE: Duration = Duration::from_millis(25);
-/// The largest UDP payload MTU discovery looks for. Where the path carries more than
-/// Ethernet's 1,500 bytes (jumbo frames on a 10 GbE link, loopback) each packet costs the same
-/// CPU and carries more: on loopback a 512 MiB fetch took 1.7 s instead of 2.2 s. The bound
-/// stays under a 9,000-byte jumbo frame, and ten of them (what quinn 0.11 puts in one GSO
-/// send) under the kernel's 64 KiB limit: a larger send fails, quinn drops it silently and the
-/// connection crawls on retransmissions (8,972 took 3.2 s). On a 1,500-byte LAN discovery ends
-/// at the same size as with quinn's default bound, after a few lost probes.
-const MAX_DATAGRAM: u16 = 6500;
 
 /// quinn send priority of the streams that carry news and requests rather than data: a
 /// holdings frame or a block request goes out ahead of the block data queued on the same
@@ -143,6 +136,10 @@ pub struct Net {
     cert: Arc<[u8]>,
     /// The connections whose receive windows follow their rate.
     tuned: Arc<Tuned>,
+    /// Dialing and accepting on a route wider than Ethernet ([`mtu`]); the endpoint's
+    /// defaults serve all others.
+    client_wide: quinn::ClientConfig,
+    server_wide: Option<Arc<quinn::ServerConfig>>,
 }
 
 /// The connections [`tune_receive_windows`] looks after, and its wake-up for a new one.
@@ -161,27 +158,38 @@ impl Net {
         accept: bool,
     ) -> Result<Self, BindError> {
         let tls = tls::configs(key_der)?;
-        let transport = Arc::new(transport_config());
-        let quic_client = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(quic_client));
-        client.transport_config(transport.clone());
+        let client_tls = Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls.client)
+                .map_err(|e| rustls::Error::General(e.to_string()))?,
+        );
+        let client_with = |max_datagram| {
+            let mut client = quinn::ClientConfig::new(client_tls.clone());
+            client.transport_config(Arc::new(transport_config(max_datagram)));
+            client
+        };
+        let (client, client_wide) = (client_with(None), client_with(Some(mtu::MAX_DATAGRAM)));
         let socket =
             std::net::UdpSocket::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
         size_socket_buffers(&socket);
-        let server = if accept {
-            let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server)
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-            let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
-            server.transport_config(transport);
-            Some(server)
+        let (server, server_wide) = if accept {
+            let server_tls = Arc::new(
+                quinn::crypto::rustls::QuicServerConfig::try_from(tls.server)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?,
+            );
+            let server_with = |max_datagram| {
+                let mut server = quinn::ServerConfig::with_crypto(server_tls.clone());
+                server.transport_config(Arc::new(transport_config(max_datagram)));
+                server
+            };
+            let wide = Arc::new(server_with(Some(mtu::MAX_DATAGRAM)));
+            (Some(server_with(None)), Some(wide))
         } else {
-            None
+            (None, None)
         };
         let runtime = quinn::default_runtime().expect("called inside a tokio runtime");
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
-            .max_udp_payload_size(MAX_DATAGRAM)
+            .max_udp_payload_size(mtu::MAX_DATAGRAM)
             .expect("a jumbo frame's payload is a valid UDP payload size");
         let mut endpoint = quinn::Endpoint::new(endpoint_config, server, socket, runtime)
             .map_err(|source| BindError::Bind { addr, source })?;
@@ -193,6 +201,8 @@ impl Net {
             mesh_key: mesh_key.map(Arc::from),
             cert: tls.cert.into(),
             tuned,
+            client_wide,
+            server_wide,
         })
     }
 
@@ -216,14 +226,30 @@ impl Net {
         }
     }
 
+    /// Accepts an incoming connection, with the wide-route settings where they apply.
+    pub fn accept(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Result<quinn::Connecting, quinn::ConnectionError> {
+        match &self.server_wide {
+            Some(wide) if mtu::wide_route(incoming.remote_address()) => {
+                incoming.accept_with(wide.clone())
+            }
+            _ => incoming.accept(),
+        }
+    }
+
     async fn connect_impl(&self, addr: SocketAddr) -> Result<quinn::Connection, ConnectError> {
-        let connecting =
+        let connecting = if mtu::wide_route(addr) {
             self.endpoint
-                .connect(addr, "mesh")
-                .map_err(|e| ConnectError::Protocol {
-                    addr,
-                    why: e.to_string(),
-                })?;
+                .connect_with(self.client_wide.clone(), addr, "mesh")
+        } else {
+            self.endpoint.connect(addr, "mesh")
+        }
+        .map_err(|e| ConnectError::Protocol {
+            addr,
+            why: e.to_string(),
+        })?;
         let conn = connecting
             .await
             .map_err(|source| map_conn_error(addr, source))?;
@@ -363,11 +389,15 @@ fn size_socket_buffers(socket: &std::net::UdpSocket) {
     }
 }
 
-fn transport_config() -> quinn::TransportConfig {
+/// The transport settings; `max_datagram` is where MTU discovery stops, quinn's default if
+/// `None` ([`mtu`]).
+fn transport_config(max_datagram: Option<u16>) -> quinn::TransportConfig {
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(ACK_EVERY.into());
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_DATAGRAM);
+    if let Some(max) = max_datagram {
+        mtu.upper_bound(max);
+    }
     let mut config = quinn::TransportConfig::default();
     config
         .mtu_discovery_config(Some(mtu))
