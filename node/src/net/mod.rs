@@ -190,7 +190,7 @@ impl Net {
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
             .max_udp_payload_size(mtu::MAX_DATAGRAM)
-            .expect("a jumbo frame's payload is a valid UDP payload size");
+            .expect("6,500 bytes is a valid UDP payload size");
         let mut endpoint = quinn::Endpoint::new(endpoint_config, server, socket, runtime)
             .map_err(|source| BindError::Bind { addr, source })?;
         endpoint.set_default_client_config(client);

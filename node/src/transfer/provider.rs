@@ -29,8 +29,8 @@ use crate::{
 
 /// How long a subscription waits after a change before sending, to batch leaf writes. Every
 /// peer subscribes to every other, so at N = 32 a node took in about 115 frames a second at
-/// 100 ms; 400 ms cost 4-5% less fleet CPU there and changed no fleet's time (what peers must learn
-/// at once, the blocks we start fetching, goes out after [`PENDING_COALESCE`]).
+/// 100 ms; 400 ms cost 4-5% less fleet CPU there and changed no fleet's time. What peers must
+/// learn at once, the blocks we start fetching, goes out after [`PENDING_COALESCE`].
 const SUBSCRIBE_COALESCE: Duration = Duration::from_millis(400);
 /// How long a subscription waits after a change to what we fetch: long enough for the
 /// scheduler to finish one step (a block done, the next one started).
