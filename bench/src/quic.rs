@@ -22,7 +22,7 @@ pub fn quic_serve(file: &Path, addr: &str) -> Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let net = Net::bind(addr.parse()?, &identity()?, None, true)?;
         let incoming = net.endpoint().accept().await.context("endpoint closed")?;
-        let conn = net.accept(incoming)?.await?;
+        let conn = net.accept(incoming).await?;
         net.authenticate(&conn).await?;
         let (mut send, _recv) = conn.open_bi().await?;
         let file = std::fs::File::open(file)?;

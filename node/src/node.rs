@@ -301,11 +301,7 @@ async fn accept_loop(
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let conn = match net.accept(incoming) {
-                    Ok(connecting) => connecting.await,
-                    Err(e) => Err(e),
-                };
-                let conn = match conn {
+                let conn = match net.accept(incoming).await {
                     Ok(conn) => conn,
                     Err(e) => {
                         debug!("incoming connection failed: {e}");

@@ -227,15 +227,15 @@ impl Net {
     }
 
     /// Accepts an incoming connection, with the wide-route settings where they apply.
-    pub fn accept(
+    pub async fn accept(
         &self,
         incoming: quinn::Incoming,
-    ) -> Result<quinn::Connecting, quinn::ConnectionError> {
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
         match &self.server_wide {
             Some(wide) if mtu::wide_route(incoming.remote_address()) => {
-                incoming.accept_with(wide.clone())
+                incoming.accept_with(wide.clone())?.await
             }
-            _ => incoming.accept(),
+            _ => incoming.await,
         }
     }
 
