@@ -17,11 +17,14 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// How long a dial (QUIC handshake plus membership proof) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Keep-alive interval; with [`IDLE_TIMEOUT`] it bounds how long a dead peer goes unnoticed.
-/// quinn sends one only when nothing arrived for this long: busy connections carry none, and
-/// an idle pair exchanges one PING and its ACK per interval.
-const KEEP_ALIVE: Duration = Duration::from_secs(4);
-/// A connection with no traffic (not even keep-alives) for this long is closed.
+/// Keep-alive interval, half of [`IDLE_TIMEOUT`] so that a lost PING has seconds of retries.
+/// Only the dialing side sends them: quinn sends one when nothing arrived for this long, so
+/// busy connections carry none, and an idle pair exchanges one PING and its ACK per interval.
+/// With both sides pinging, their timers fell into step (each restarts on the other's ACK) and
+/// an idle pair sent three or four packets per round instead of two.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A connection with no traffic (not even keep-alives) for this long is closed: this is how
+/// long a dead peer goes unnoticed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent request streams a peer may open on one connection.
 const MAX_STREAMS: u32 = 1024;
@@ -164,7 +167,7 @@ impl Net {
         );
         let client_with = |max_datagram| {
             let mut client = quinn::ClientConfig::new(client_tls.clone());
-            client.transport_config(Arc::new(transport_config(max_datagram)));
+            client.transport_config(Arc::new(transport_config(max_datagram, Some(KEEP_ALIVE))));
             client
         };
         let (client, client_wide) = (client_with(None), client_with(Some(mtu::MAX_DATAGRAM)));
@@ -178,7 +181,7 @@ impl Net {
             );
             let server_with = |max_datagram| {
                 let mut server = quinn::ServerConfig::with_crypto(server_tls.clone());
-                server.transport_config(Arc::new(transport_config(max_datagram)));
+                server.transport_config(Arc::new(transport_config(max_datagram, None)));
                 server
             };
             let wide = Arc::new(server_with(Some(mtu::MAX_DATAGRAM)));
@@ -390,8 +393,11 @@ fn size_socket_buffers(socket: &std::net::UdpSocket) {
 }
 
 /// The transport settings; `max_datagram` is where MTU discovery stops, quinn's default if
-/// `None` ([`mtu`]).
-fn transport_config(max_datagram: Option<u16>) -> quinn::TransportConfig {
+/// `None` ([`mtu`]); `keep_alive` is for the dialing side only ([`KEEP_ALIVE`]).
+fn transport_config(
+    max_datagram: Option<u16>,
+    keep_alive: Option<Duration>,
+) -> quinn::TransportConfig {
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(ACK_EVERY.into());
     let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -407,7 +413,7 @@ fn transport_config(max_datagram: Option<u16>) -> quinn::TransportConfig {
         .receive_window(MIN_RECEIVE_WINDOW.into())
         .send_window(SEND_WINDOW.into())
         .ack_frequency_config(Some(acks))
-        .keep_alive_interval(Some(KEEP_ALIVE))
+        .keep_alive_interval(keep_alive)
         .max_idle_timeout(Some(
             IDLE_TIMEOUT
                 .try_into()
@@ -419,7 +425,8 @@ fn transport_config(max_datagram: Option<u16>) -> quinn::TransportConfig {
 /// Keeps each connection's receive window (what the peer may have in flight to us) at
 /// [`RECEIVE_WINDOW_TIME`] of what we receive on it, and at least [`MIN_RECEIVE_WINDOW`], until
 /// the endpoint is dropped. One task for all connections, ticking every [`WINDOW_TUNE_EVERY`]
-/// while any of them receives and every [`WINDOW_TUNE_IDLE`] while none does, and
+/// while any of them received at least [`MIN_RECEIVE_WINDOW`] since the last look and every
+/// [`WINDOW_TUNE_IDLE`] while none did, and
 /// [`WINDOW_FIRST_SAMPLE`] after a connection was added.
 ///
 /// When many peers send to one node, each of them fills its congestion window, and together
@@ -452,7 +459,8 @@ async fn tune_receive_windows(tuned: std::sync::Weak<Tuned>) {
                     .or_insert((received, MIN_RECEIVE_WINDOW.into(), now));
             let secs = now.saturating_duration_since(*at).as_secs_f64().max(1e-3);
             let rate = received.saturating_sub(*last) as f64 / secs;
-            busy |= received > *last;
+            // Keep-alives are not traffic: at 32 peers one arrives nearly every second.
+            busy |= received.saturating_sub(*last) >= MIN_RECEIVE_WINDOW.into();
             (*last, *at) = (received, now);
             let want = ((rate * RECEIVE_WINDOW_TIME.as_secs_f64()) as u64)
                 .clamp(MIN_RECEIVE_WINDOW.into(), MAX_RECEIVE_WINDOW.into());
