@@ -21,8 +21,10 @@ struct Opt {
     /// Fleet sizes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [8usize, 32])]
     peers: Vec<usize>,
-    /// Seconds measured, after the fleet settled.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds measured, after the fleet settled. Keep it a whole number of mDNS query
+    /// intervals (60 s): the fleet asks in rounds, all at once, so a shorter window holds one
+    /// round or none depending on where it starts.
+    #[arg(long, default_value_t = 60)]
     secs: u64,
     /// Longest wait for every node to be connected to every other.
     #[arg(long, default_value_t = 60)]

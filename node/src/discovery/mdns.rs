@@ -5,7 +5,7 @@
 //! node's QUIC (UDP) socket, and a discovered `/ip4/A/tcp/P` means "dial QUIC at A:P". Nothing
 //! is ever dialed over that TCP listener; it exists so mDNS has an address to announce.
 //!
-//! The query interval is 30 s (every node answers every query, so the traffic grows with the
+//! The query interval is 60 s (every node answers every query, so the traffic grows with the
 //! square of the fleet; ARCHITECTURE.md has the idle numbers), the ttl is 3x that, loopback
 //! and IPv6 addresses are dropped, and a vanished peer is noticed by its QUIC connection long
 //! before mDNS expires it.
@@ -22,9 +22,15 @@ use super::{AddrSource, Discovery};
 /// record for all; at start libp2p probes at 0.5, 1, 2, ... s until a peer answers. A node
 /// nobody has seen yet dials the ones it found, and connections dialed to a node count for it
 /// ([`super::Peers::accepted`]), so a long interval delays no connection.
-const QUERY_INTERVAL: Duration = Duration::from_secs(30);
+///
+/// libp2p restarts every node's query timer when an answer arrives, and answers are multicast,
+/// so a fleet's timers run in step: each round, the few nodes whose timers fire within a few
+/// milliseconds of each other all ask (2 to 5 of 32 in the idle bench), and every node answers
+/// each of them. At 32 nodes that is about 4 x 32 answers of 260 bytes reaching every node per
+/// round; 30 s made it 1.2 KB/s of each node's downlink.
+const QUERY_INTERVAL: Duration = Duration::from_secs(60);
 /// mDNS record ttl: three query intervals.
-const TTL: Duration = Duration::from_secs(90);
+const TTL: Duration = Duration::from_secs(180);
 
 /// Peers seen on the LAN: libp2p peer id (text) -> QUIC address.
 type Seen = BTreeMap<String, SocketAddr>;
