@@ -2,7 +2,7 @@
 //! CDN), which polls `GET /v1/fleet` once a second and draws this node, its peers with what
 //! each holds, the transfers in progress and the models in the store.
 //!
-//! Rates are sampled here once a second ([`sample`]). Both routes answer only requests whose
+//! Rates are sampled here when read, at most about once a second ([`refresh`]). Both routes answer only requests whose
 //! `Host` is an IP address or `localhost`, so a web page can't read them by DNS rebinding.
 
 use std::{
@@ -21,15 +21,16 @@ use axum::{
     Json, Router,
 };
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use super::{lifecycle, ApiState, ModelInfo};
 use crate::{discovery::PeerInfo, limits::LimitStatus, store::blocking};
 
 /// The page, as shipped.
 const PAGE: &str = include_str!("fleet.html");
-/// How often rates are sampled.
-const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// The youngest sample that is taken again: the page polls once a second.
+const SAMPLE_EVERY: Duration = Duration::from_millis(900);
+/// Rates are shown only over a span up to this long.
+const RATE_SPAN_MAX: Duration = Duration::from_secs(5);
 
 /// What `GET /v1/fleet` answers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -99,7 +100,7 @@ pub struct FileView {
     pub rate: u64,
 }
 
-/// Rates and disk figures, sampled once a second.
+/// Rates and disk figures, sampled when read ([`refresh`]).
 #[derive(Debug, Default)]
 pub(crate) struct Rates {
     inner: Mutex<Sampled>,
@@ -119,7 +120,7 @@ struct Sampled {
 }
 
 impl Rates {
-    /// The store's disk bytes and the disk's free bytes, as last sampled.
+    /// The store's disk bytes and the disk's free bytes, as last sampled ([`refresh`]).
     pub(super) fn disk(&self) -> (u64, u64) {
         let s = self.inner.lock().expect("rates lock");
         (s.store_bytes, s.disk_free)
@@ -162,6 +163,7 @@ async fn page() -> Html<&'static str> {
 }
 
 async fn fleet(State(state): State<ApiState>) -> Response {
+    refresh(&state).await;
     let store = state.store.clone();
     let entries = match blocking(move || store.model_entries()).await {
         Ok(entries) => entries,
@@ -224,49 +226,51 @@ async fn fleet(State(state): State<ApiState>) -> Response {
     Json(view).into_response()
 }
 
-/// Samples the node's byte counters, each transfer's files and the store's disk use once a
-/// second, until cancelled.
-pub(super) async fn sample(state: ApiState, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(SAMPLE_EVERY);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let store = state.store.clone();
-        let disk = blocking(move || Ok((store.usage(), store.disk_free().unwrap_or(0)))).await;
-        let received =
-            state.metrics.bytes_received.load(Ordering::Relaxed) + state.fetcher.limits.hf_bytes();
-        let sent = state.metrics.bytes_sent.load(Ordering::Relaxed);
-        let now = Instant::now();
-        let mut s = state.rates.inner.lock().expect("rates lock");
-        let secs = s.at.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
-        let rate = |new: u64, old: u64| {
-            if secs > 0.0 {
-                (new.saturating_sub(old) as f64 / secs) as u64
-            } else {
-                0
-            }
-        };
-        s.rate_in = rate(received, s.received);
-        s.rate_out = rate(sent, s.sent);
-        (s.received, s.sent, s.at) = (received, sent, Some(now));
-        if let Ok((used, free)) = disk {
-            (s.store_bytes, s.disk_free) = (used, free);
-        }
-        let mut files = HashMap::new();
-        for t in state.fetcher.transfers.list() {
-            let Some((_, progress)) = t.progress() else {
-                continue;
-            };
-            for (i, f) in progress.files.iter().enumerate() {
-                let done = f.done.load(Ordering::Relaxed);
-                let before = s.files.get(&(t.id, i)).map_or(done, |x| x.0);
-                files.insert((t.id, i), (done, rate(done, before)));
-            }
-        }
-        s.files = files;
+/// Takes a new sample of the node's byte counters, each transfer's files and the store's disk
+/// use, unless the last one is less than [`SAMPLE_EVERY`] old. Called by the readers (the page,
+/// `/metrics`), so an idle node that nobody looks at does no sampling: walking the store folder
+/// once a second was a blocking-thread hop and 30 system calls per second on every node.
+pub(super) async fn refresh(state: &ApiState) {
+    let fresh = |s: &Sampled| s.at.is_some_and(|at| at.elapsed() < SAMPLE_EVERY);
+    if fresh(&state.rates.inner.lock().expect("rates lock")) {
+        return;
     }
+    let store = state.store.clone();
+    let disk = blocking(move || Ok((store.usage(), store.disk_free().unwrap_or(0)))).await;
+    let received =
+        state.metrics.bytes_received.load(Ordering::Relaxed) + state.fetcher.limits.hf_bytes();
+    let sent = state.metrics.bytes_sent.load(Ordering::Relaxed);
+    let now = Instant::now();
+    let mut s = state.rates.inner.lock().expect("rates lock");
+    if fresh(&s) {
+        return;
+    }
+    // A rate over a long gap (the first look in a while) would be an old average: show none.
+    let secs =
+        s.at.map(|at| now.duration_since(at).as_secs_f64())
+            .filter(|secs| *secs <= RATE_SPAN_MAX.as_secs_f64());
+    let rate = |new: u64, old: u64| match secs {
+        Some(secs) if secs > 0.0 => (new.saturating_sub(old) as f64 / secs) as u64,
+        _ => 0,
+    };
+    s.rate_in = rate(received, s.received);
+    s.rate_out = rate(sent, s.sent);
+    (s.received, s.sent, s.at) = (received, sent, Some(now));
+    if let Ok((used, free)) = disk {
+        (s.store_bytes, s.disk_free) = (used, free);
+    }
+    let mut files = HashMap::new();
+    for t in state.fetcher.transfers.list() {
+        let Some((_, progress)) = t.progress() else {
+            continue;
+        };
+        for (i, f) in progress.files.iter().enumerate() {
+            let done = f.done.load(Ordering::Relaxed);
+            let before = s.files.get(&(t.id, i)).map_or(done, |x| x.0);
+            files.insert((t.id, i), (done, rate(done, before)));
+        }
+    }
+    s.files = files;
 }
 
 fn host_name() -> String {

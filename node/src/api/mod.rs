@@ -45,7 +45,7 @@ pub struct ApiState {
     fetcher: Fetcher,
     gate: hf::Gate,
     poisoned: hf::Poisoned,
-    /// Rates sampled once a second, for the fleet page.
+    /// Rates and disk figures, sampled when the fleet page or `/metrics` reads them.
     rates: Arc<fleet::Rates>,
 }
 
@@ -167,7 +167,6 @@ pub(crate) async fn serve(
         .merge(fleet::router())
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state.clone());
-    tokio::spawn(fleet::sample(state, cancel.clone()));
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -222,6 +221,7 @@ async fn count_hf(State(state): State<ApiState>, req: Request, next: Next) -> Re
 }
 
 async fn metrics(State(state): State<ApiState>) -> String {
+    fleet::refresh(&state).await;
     state.metrics.prometheus() + &prom::series(&state)
 }
 
