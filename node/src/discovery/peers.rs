@@ -310,12 +310,17 @@ impl Peers {
             retire(old);
         }
         dialed.insert(addr, dialed_by_us);
-        drop(dialed);
-        info!(%addr, incoming = !dialed_by_us, "connected to peer");
         let watcher = conn.clone();
+        // Still under the `dialed` lock: a second `take` for this peer must see this
+        // connection as current. (Inserted after the lock was dropped, two connections that
+        // came up together could both be taken as new, the second overwriting the first
+        // without retiring it, while the peer kept the other one: it then closed every
+        // connection this node dialed, and this node redialed every 6 s.)
         self.inner.conns.send_modify(|c| {
             c.insert(addr, conn);
         });
+        drop(dialed);
+        info!(%addr, incoming = !dialed_by_us, "connected to peer");
         let this = self.clone();
         tokio::spawn(async move {
             let reason = watcher.closed().await;
