@@ -128,7 +128,19 @@ fn measure(opt: &Opt, n: usize) -> Result<Row> {
         .collect();
     for (i, node) in nodes.iter().enumerate() {
         if node.connected_peers()? != n - 1 {
-            bail!("node {} lost peers while idle", i + 1);
+            let table = node.peer_table()?;
+            let lost: Vec<&str> = table
+                .iter()
+                .filter(|p| p["connected"].as_bool() != Some(true))
+                .filter_map(|p| p["addr"].as_str())
+                .collect();
+            let log = node.log();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "node {} lost peers while idle: {lost:?}; its log ends:\n{}",
+                i + 1,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
     }
     drop(nodes);
