@@ -199,6 +199,16 @@ fn spawn_in(lab: Option<&NetLab>, host: usize, program: &Path) -> Command {
     }
 }
 
+/// Writes every dirty page to disk before a case starts, so that no case pays for the
+/// writeback of what came before it (the test file, the seed's store, the last case's copy).
+fn settle_disk() -> Result<()> {
+    let status = Command::new("sync").status()?;
+    if !status.success() {
+        bail!("sync failed");
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_mesh(
     dir: &Path,
@@ -210,6 +220,7 @@ fn run_mesh(
     dial_ip: &str,
     want: blake3::Hash,
 ) -> Result<Row> {
+    settle_disk()?;
     let _ = std::fs::remove_file(seed_home.join("node.json"));
     let mut seed = spawn_in(lab, 1, &mesh_bin())
         .env("MESH_HOME", seed_home)
@@ -306,6 +317,7 @@ fn run_copy(
     ip: &str,
     want: blake3::Hash,
 ) -> Result<Row> {
+    settle_disk()?;
     let me = std::env::current_exe()?;
     let addr = format!("{ip}:7399");
     let (serve, get) = copy.helpers();
