@@ -2,8 +2,9 @@
 //! CDN), which polls `GET /v1/fleet` once a second and draws this node, its peers with what
 //! each holds, the transfers in progress and the models in the store.
 //!
-//! Rates are sampled here when read, at most about once a second ([`refresh`]). Both routes answer only requests whose
-//! `Host` is an IP address or `localhost`, so a web page can't read them by DNS rebinding.
+//! Rates are sampled here when read, at most about once a second ([`refresh`]). Both routes
+//! answer only requests whose `Host` is an IP address or `localhost`, so a web page can't read
+//! them by DNS rebinding.
 
 use std::{
     collections::HashMap,

@@ -427,8 +427,8 @@ fn transport_config(
 /// Keeps each connection's receive window (what the peer may have in flight to us) at
 /// [`RECEIVE_WINDOW_TIME`] of what we receive on it, and at least [`MIN_RECEIVE_WINDOW`], until
 /// the endpoint is dropped. One task for all connections, ticking every [`WINDOW_TUNE_EVERY`]
-/// while any of them received at least [`MIN_RECEIVE_WINDOW`] since the last look and every
-/// [`WINDOW_TUNE_IDLE`] while none did, and
+/// while any of them received at least [`MIN_RECEIVE_WINDOW`] since the last look, every
+/// [`WINDOW_TUNE_IDLE`] while none did (keep-alives are not traffic), and
 /// [`WINDOW_FIRST_SAMPLE`] after a connection was added.
 ///
 /// When many peers send to one node, each of them fills its congestion window, and together
