@@ -118,6 +118,18 @@ impl NetLab {
         Ok(())
     }
 
+    /// Sets every link's MTU (the hosts' and the switch's ends) to `mtu`: 9,000 makes a
+    /// jumbo-frame LAN.
+    pub fn set_mtu(&self, mtu: u32) -> Result<()> {
+        let (sw, mtu) = (format!("{}-sw", self.prefix), mtu.to_string());
+        for i in 1..=self.hosts {
+            let p = format!("{}p{i}", self.prefix);
+            run(&["ip", "-n", &self.ns(i), "link", "set", "eth0", "mtu", &mtu])?;
+            run(&["ip", "-n", &sw, "link", "set", &p, "mtu", &mtu])?;
+        }
+        run(&["ip", "-n", &sw, "link", "set", "br0", "mtu", &mtu])
+    }
+
     /// Host `i`'s namespace name.
     pub fn ns(&self, i: usize) -> String {
         format!("{}-h{i}", self.prefix)

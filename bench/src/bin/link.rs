@@ -1,5 +1,6 @@
-//! Single-link benchmark: one large file between two `mesh` nodes, on loopback and between two
-//! network-namespace hosts on a tbf-shaped link, against a plain TCP copy and one raw QUIC
+//! Single-link benchmark: one large file between two `mesh` nodes, on loopback, between two
+//! network-namespace hosts on a tbf-shaped link, and between two on an unshaped link with
+//! 9,000-byte frames (what a jumbo-frame LAN's datagrams cost, at the CPU's speed), against a plain TCP copy and one raw QUIC
 //! stream (mesh's endpoint, nothing of mesh above it) measured in the same run. Prints
 //! seconds, MB/s and the CPU seconds of both sides.
 //!
@@ -128,26 +129,20 @@ fn main() -> Result<()> {
     }
     if !opt.loopback_only {
         if !mesh_tests::netlab::available() {
-            eprintln!("SKIPPED the namespace case: needs root with ip and tc");
+            eprintln!("SKIPPED the namespace cases: needs root with ip and tc");
         } else {
             let lab = NetLab::up("mbl", "10.79.0", 2, Some(&opt.rate))?;
             let case = format!("netns {}", opt.rate);
-            rows.push(run_mesh(
-                &dir,
-                &seed_home,
-                &case,
-                Some(&lab),
-                Some(1),
-                &lab.addr(1),
-                &lab.addr(1),
-                want,
+            rows.extend(run_lab_case(
+                &opt, &dir, &file, &seed_home, &lab, &case, want,
             )?);
-            if !opt.no_tcp {
-                for copy in [Copy::Tcp, Copy::Quic] {
-                    let ip = lab.addr(1);
-                    rows.push(run_copy(copy, &dir, &file, &case, Some(&lab), &ip, want)?);
-                }
-            }
+            drop(lab);
+            let lab = NetLab::up("mbj", "10.79.1", 2, None)?;
+            lab.set_mtu(9000)?;
+            let case = "netns 9000 MTU".to_string();
+            rows.extend(run_lab_case(
+                &opt, &dir, &file, &seed_home, &lab, &case, want,
+            )?);
         }
     }
     println!("\n{} MiB, one sender to one receiver", opt.size_mib);
@@ -186,6 +181,35 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Mesh, then the TCP and QUIC copies, from host 1 to host 2 of `lab`.
+fn run_lab_case(
+    opt: &Opt,
+    dir: &Path,
+    file: &Path,
+    seed_home: &Path,
+    lab: &NetLab,
+    case: &str,
+    want: blake3::Hash,
+) -> Result<Vec<Row>> {
+    let ip = lab.addr(1);
+    let mut rows = vec![run_mesh(
+        dir,
+        seed_home,
+        case,
+        Some(lab),
+        Some(1),
+        &ip,
+        &ip,
+        want,
+    )?];
+    if !opt.no_tcp {
+        for copy in [Copy::Tcp, Copy::Quic] {
+            rows.push(run_copy(copy, dir, file, case, Some(lab), &ip, want)?);
+        }
+    }
+    Ok(rows)
 }
 
 fn spawn_in(lab: Option<&NetLab>, host: usize, program: &Path) -> Command {

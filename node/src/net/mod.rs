@@ -6,6 +6,7 @@
 
 mod mtu;
 mod tls;
+mod udp;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -141,10 +142,10 @@ pub struct Net {
     cert: Arc<[u8]>,
     /// The connections whose receive windows follow their rate.
     tuned: Arc<Tuned>,
-    /// Dialing and accepting on a route wider than Ethernet ([`mtu`]); the endpoint's
-    /// defaults serve all others.
-    client_wide: quinn::ClientConfig,
-    server_wide: Option<Arc<quinn::ServerConfig>>,
+    /// The endpoint's settings for dialing and accepting, which serve as they are on routes
+    /// no wider than Ethernet; on wider ones the transport settings follow the route ([`mtu`]).
+    client: quinn::ClientConfig,
+    server: Option<quinn::ServerConfig>,
 }
 
 /// The connections [`tune_receive_windows`] looks after, and its wake-up for a new one.
@@ -167,38 +168,36 @@ impl Net {
             quinn::crypto::rustls::QuicClientConfig::try_from(tls.client)
                 .map_err(|e| rustls::Error::General(e.to_string()))?,
         );
-        let client_with = |max_datagram| {
-            let mut client = quinn::ClientConfig::new(client_tls.clone());
-            client.transport_config(Arc::new(transport_config(max_datagram, Some(KEEP_ALIVE))));
-            client
-        };
-        let (client, client_wide) = (client_with(None), client_with(Some(mtu::MAX_DATAGRAM)));
+        let mut client = quinn::ClientConfig::new(client_tls.clone());
+        client.transport_config(Arc::new(transport_config(None, Some(KEEP_ALIVE))));
         let socket =
             std::net::UdpSocket::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
         size_socket_buffers(&socket);
-        let (server, server_wide) = if accept {
-            let server_tls = Arc::new(
-                quinn::crypto::rustls::QuicServerConfig::try_from(tls.server)
-                    .map_err(|e| rustls::Error::General(e.to_string()))?,
-            );
-            let server_with = |max_datagram| {
-                let mut server = quinn::ServerConfig::with_crypto(server_tls.clone());
-                server.transport_config(Arc::new(transport_config(max_datagram, None)));
-                server
-            };
-            let wide = Arc::new(server_with(Some(mtu::MAX_DATAGRAM)));
-            (Some(server_with(None)), Some(wide))
+        let server = if accept {
+            let tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server)
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
+            server.transport_config(Arc::new(transport_config(None, None)));
+            Some(server)
         } else {
-            (None, None)
+            None
         };
         let runtime = quinn::default_runtime().expect("called inside a tokio runtime");
+        let socket = runtime
+            .wrap_udp_socket(socket)
+            .map_err(|source| BindError::Bind { addr, source })?;
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
             .max_udp_payload_size(mtu::MAX_DATAGRAM)
-            .expect("6,500 bytes is a valid UDP payload size");
-        let mut endpoint = quinn::Endpoint::new(endpoint_config, server, socket, runtime)
-            .map_err(|source| BindError::Bind { addr, source })?;
-        endpoint.set_default_client_config(client);
+            .expect("a UDP payload size quinn accepts");
+        let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            server.clone(),
+            udp::SplitSends::new(socket),
+            runtime,
+        )
+        .map_err(|source| BindError::Bind { addr, source })?;
+        endpoint.set_default_client_config(client.clone());
         let tuned = Arc::default();
         tokio::spawn(tune_receive_windows(Arc::downgrade(&tuned)));
         Ok(Self {
@@ -206,8 +205,8 @@ impl Net {
             mesh_key: mesh_key.map(Arc::from),
             cert: tls.cert.into(),
             tuned,
-            client_wide,
-            server_wide,
+            client,
+            server,
         })
     }
 
@@ -236,18 +235,21 @@ impl Net {
         &self,
         incoming: quinn::Incoming,
     ) -> Result<quinn::Connection, quinn::ConnectionError> {
-        match &self.server_wide {
-            Some(wide) if mtu::wide_route(incoming.remote_address()) => {
-                incoming.accept_with(wide.clone())?.await
+        match (&self.server, mtu::datagram_bound(incoming.remote_address())) {
+            (Some(server), Some(bound)) => {
+                let mut config = server.clone();
+                config.transport_config(Arc::new(transport_config(Some(bound), None)));
+                incoming.accept_with(Arc::new(config))?.await
             }
             _ => incoming.await,
         }
     }
 
     async fn connect_impl(&self, addr: SocketAddr) -> Result<quinn::Connection, ConnectError> {
-        let connecting = if mtu::wide_route(addr) {
-            self.endpoint
-                .connect_with(self.client_wide.clone(), addr, "mesh")
+        let connecting = if let Some(bound) = mtu::datagram_bound(addr) {
+            let mut config = self.client.clone();
+            config.transport_config(Arc::new(transport_config(Some(bound), Some(KEEP_ALIVE))));
+            self.endpoint.connect_with(config, addr, "mesh")
         } else {
             self.endpoint.connect(addr, "mesh")
         }

@@ -1,6 +1,6 @@
-//! How large a datagram MTU discovery looks for on one connection: up to [`MAX_DATAGRAM`]
-//! where the local route to the peer carries more than Ethernet's 1,500 bytes (jumbo frames,
-//! loopback), quinn's default (1,452) otherwise.
+//! How large a datagram MTU discovery looks for on one connection: up to what the local route
+//! to the peer carries where that is more than Ethernet's 1,500 bytes (8,972 bytes on a
+//! jumbo-frame LAN, [`MAX_DATAGRAM`] on loopback), quinn's default (1,452) otherwise.
 //!
 //! Per packet quinn builds, encrypts and acknowledges the same whatever its size, so bigger
 //! datagrams cut the CPU per byte where the path has room. Where it has none, every size above
@@ -13,18 +13,23 @@ use std::{
     os::fd::AsRawFd,
 };
 
-/// The largest UDP payload MTU discovery looks for. It stays under a 9,000-byte jumbo frame,
-/// and ten of them (what quinn 0.11 puts in one GSO send) under the kernel's 64 KiB limit: a
-/// larger send fails with `EMSGSIZE`, quinn-udp drops it silently, and the connection crawls
-/// on retransmissions (8,972 took a 512 MiB loopback fetch 2.8-3.4 s, 6,500 1.7 s).
-pub(super) const MAX_DATAGRAM: u16 = 6500;
+/// The largest UDP payload MTU discovery looks for, on any route: what one datagram can carry
+/// ([`super::udp::MAX_SEND`]). Loopback's MTU allows it; a jumbo-frame LAN stops discovery at
+/// its own MTU first.
+pub(super) const MAX_DATAGRAM: u16 = super::udp::MAX_SEND as u16;
 
 /// The largest IP packet of an Ethernet frame without jumbo frames.
 const ETHERNET_MTU: u32 = 1500;
 
-/// Whether connections to `peer` look for datagrams beyond Ethernet's size.
-pub(super) fn wide_route(peer: SocketAddr) -> bool {
-    route_mtu(peer).is_some_and(|mtu| mtu > ETHERNET_MTU)
+/// Where MTU discovery stops on connections to `peer`: the UDP payload the interface the
+/// kernel routes `peer` through carries (its MTU less the IP and UDP headers), if that
+/// interface carries more than Ethernet's 1,500 bytes; `None` (quinn's default, 1,452)
+/// otherwise, or if the route cannot be read.
+pub(super) fn datagram_bound(peer: SocketAddr) -> Option<u16> {
+    let mtu = route_mtu(peer).filter(|&mtu| mtu > ETHERNET_MTU)?;
+    let headers = if peer.is_ipv4() { 20 + 8 } else { 40 + 8 };
+    let payload = mtu.saturating_sub(headers).min(u32::from(MAX_DATAGRAM));
+    Some(u16::try_from(payload).expect("at most MAX_DATAGRAM"))
 }
 
 /// The MTU of the interface the kernel routes `peer` through, read from a UDP socket
@@ -68,6 +73,9 @@ mod tests {
     fn loopback_is_a_wide_route() {
         // Loopback's MTU is 65,536 on Linux.
         assert!(route_mtu("127.0.0.1:9".parse().unwrap()).is_some_and(|m| m > 9000));
-        assert!(wide_route("127.0.0.1:9".parse().unwrap()));
+        assert_eq!(
+            datagram_bound("127.0.0.1:9".parse().unwrap()),
+            Some(MAX_DATAGRAM)
+        );
     }
 }
