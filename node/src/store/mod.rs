@@ -18,6 +18,7 @@
 mod db;
 pub mod digest;
 mod error;
+mod gather;
 mod import;
 pub mod lifecycle;
 mod outboard;

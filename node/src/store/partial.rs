@@ -39,11 +39,11 @@ use bao_tree::{
 use mesh_proto::Hash;
 use positioned_io::RandomAccessFile;
 
-use super::ranges;
 use super::{
     db, mtime_of, pairs_from_ranges, BlobReader, BlobRecord, Location, Store, StoreError,
     BLOCK_SIZE,
 };
+use super::{gather, ranges};
 
 /// Bytes received between two checkpoints of a partial blob.
 pub(crate) const CHECKPOINT_BYTES: u64 = 16 << 20;
@@ -331,31 +331,35 @@ impl PartialBlob {
         };
         let mut written = Written::default();
         let mut added = ChunkRanges::empty();
+        let mut ob = PostOrderOutboard {
+            root: self.hash.into(),
+            tree: self.tree(),
+            data: Recorded::default(),
+        };
+        let mut leaves = Vec::new();
         for (item, here) in items.iter().zip(here) {
             match item {
-                BaoContentItem::Parent(parent) => {
-                    let mut ob = PostOrderOutboard {
-                        root: self.hash.into(),
-                        tree: self.tree(),
-                        data: WriteAtFile(&self.outboard),
-                    };
-                    ob.save(parent.node, &parent.pair)
-                        .map_err(|e| self.write_failed("obao", e))?;
+                BaoContentItem::Parent(parent) => ob
+                    .save(parent.node, &parent.pair)
+                    .expect("recording cannot fail"),
+                BaoContentItem::Leaf(leaf) if here => {
+                    // Already here (a duplicate from the endgame): nothing to write.
+                    written.duplicate += leaf.data.len() as u64;
                 }
                 BaoContentItem::Leaf(leaf) => {
-                    let range = leaf_chunks(leaf.offset, leaf.data.len());
-                    if here {
-                        // Already here (a duplicate from the endgame): nothing to write.
-                        written.duplicate += leaf.data.len() as u64;
-                        continue;
-                    }
-                    self.data
-                        .write_all_at(&leaf.data, leaf.offset)
-                        .map_err(|e| self.write_failed("data", e))?;
-                    added |= range;
+                    leaves.push((leaf.offset, &leaf.data[..]));
+                    added |= leaf_chunks(leaf.offset, leaf.data.len());
                 }
             }
         }
+        let pairs = ob
+            .data
+            .0
+            .iter()
+            .map(|(at, bytes)| (*at, &bytes[..]))
+            .collect();
+        gather::write_pieces(&self.outboard, pairs).map_err(|e| self.write_failed("obao", e))?;
+        gather::write_pieces(&self.data, leaves).map_err(|e| self.write_failed("data", e))?;
         if added.is_empty() {
             return Ok(written);
         }
@@ -573,12 +577,14 @@ impl<O: Outboard> Outboard for Verified<'_, O> {
     }
 }
 
-/// Positional writes through a shared `&File` (pwrite needs no `&mut`).
-struct WriteAtFile<'a>(&'a fs::File);
+/// Positional writes kept to be made later, gathered ([`gather::write_pieces`]).
+#[derive(Default)]
+struct Recorded(Vec<(u64, Vec<u8>)>);
 
-impl positioned_io::WriteAt for WriteAtFile<'_> {
+impl positioned_io::WriteAt for Recorded {
     fn write_at(&mut self, pos: u64, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_at(buf, pos)
+        self.0.push((pos, buf.to_vec()));
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
