@@ -25,7 +25,7 @@ struct Opt {
     /// Link rate for the namespace case (tc syntax).
     #[arg(long, default_value = "1gbit")]
     rate: String,
-    /// Skip the namespace case.
+    /// Skip the namespace cases.
     #[arg(long)]
     loopback_only: bool,
     /// Skip the TCP and QUIC baseline copies (for sizes whose second copy would not fit on the
