@@ -1,8 +1,8 @@
 //! Single-link benchmark: one large file between two `mesh` nodes, on loopback, between two
 //! network-namespace hosts on a tbf-shaped link, and between two on an unshaped link with
-//! 9,000-byte frames (what a jumbo-frame LAN's datagrams cost, at the CPU's speed), against a plain TCP copy and one raw QUIC
-//! stream (mesh's endpoint, nothing of mesh above it) measured in the same run. Prints
-//! seconds, MB/s and the CPU seconds of both sides.
+//! 9,000-byte frames (what a jumbo-frame LAN's datagrams cost, at the CPU's speed), against a
+//! plain TCP copy and one raw QUIC stream (mesh's endpoint, nothing of mesh above it)
+//! measured in the same run. Prints seconds, MB/s and the CPU seconds of both sides.
 //!
 //! `cargo build --release -p mesh-cli -p mesh-bench && sudo target/release/link`
 

@@ -108,9 +108,10 @@ mod tests {
         let runtime = quinn::default_runtime().unwrap();
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let sender = SplitSends::new(runtime.wrap_udp_socket(sender).unwrap());
-        if sender.max_transmit_segments() < 10 {
-            panic!("this kernel offers no UDP segmentation offload");
-        }
+        assert!(
+            sender.max_transmit_segments() >= 10,
+            "this kernel offers no UDP segmentation offload"
+        );
         let mut poller = sender.clone().create_io_poller();
         std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
             .await

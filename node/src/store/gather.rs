@@ -1,7 +1,8 @@
 //! Positional writes gathered into as few system calls as possible: pieces that meet end to
-//! end go to the kernel in one `pwritev`. A verified batch of sixteen 16 KiB leaves and their
-//! parent pairs was 32 writes; gathered, it is about three, and the file's inode lock, which
-//! concurrent writers of one blob contend for, is taken that much less often.
+//! end go to the kernel in one `pwritev`. A 256 KiB block comes with 16 leaves and its parent
+//! pairs (15 inside the block, one per level above it): a 512 MiB fetch made 86,199 writes
+//! one piece at a time, and 16,434 gathered (`strace -c`), about 8 per block. The file's inode
+//! lock, which concurrent writers of one blob contend for, is taken that much less often.
 
 use std::{fs, io, io::IoSlice, os::fd::AsRawFd};
 
