@@ -417,6 +417,11 @@ fn transport_config(
         .receive_window(MIN_RECEIVE_WINDOW.into())
         .send_window(SEND_WINDOW.into())
         .ack_frequency_config(Some(acks))
+        // Block streams of one priority are sent in the order they were written, not
+        // round-robin: each block arrives as soon as it can instead of all of a peer's
+        // requests arriving together at the end, and the slow-block duplicates they caused
+        // fall (Decisions, "Blocks in order").
+        .send_fairness(false)
         .keep_alive_interval(keep_alive)
         .max_idle_timeout(Some(
             IDLE_TIMEOUT
