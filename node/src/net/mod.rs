@@ -18,6 +18,8 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// How long a dial (QUIC handshake plus membership proof) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refused dialer has to acknowledge the refusal before we close ([`refuse`]).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// Keep-alive interval: 3 s short of [`IDLE_TIMEOUT`], time for about six retries of a lost
 /// PING (quinn's probe timeout starts near 30 ms on a LAN and doubles). Only the dialing side
 /// sends them: quinn sends one when nothing arrived for this long, so busy connections carry
@@ -299,7 +301,7 @@ impl Net {
     }
 
     /// The accepting side of the handshake: reads the dialer's proof and answers with ours, or
-    /// closes the connection. No request is read before this succeeds.
+    /// turns the dialer away ([`refuse`]). No request is read before this succeeds.
     pub async fn authenticate(&self, conn: &quinn::Connection) -> Result<(), ConnectError> {
         let addr = conn.remote_address();
         let protocol = |why: String| ConnectError::Protocol { addr, why };
@@ -318,7 +320,7 @@ impl Net {
                 Role::Dialer,
                 &hello.proof,
             ) {
-                conn.close(CLOSE_AUTH_FAILED.into(), b"wrong mesh key");
+                refuse(conn, send).await;
                 return Err(ConnectError::WrongKey(addr));
             }
             let reply = Hello {
@@ -379,6 +381,34 @@ impl Net {
         self.endpoint.close(code.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
+}
+
+/// Turns away a dialer whose proof failed: first in band, with a reply whose proof cannot
+/// verify (the dialer then reports the wrong key and closes), then, in the background, with a
+/// close once the dialer acknowledged the reply or closed, at most [`REFUSAL_LINGER`] later.
+/// The close alone may never leave: quinn 0.11 does not send `CONNECTION_CLOSE` while the
+/// congestion window is full (quinn#2785), and our first MTU probe (up to 64 KiB on loopback)
+/// can fill it; the dialer then saw a stateless reset ("reset by peer") about one time in
+/// twenty.
+async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream) {
+    let refusal = Hello {
+        version: wire::VERSION,
+        proof: [0; 32],
+    };
+    let sent = write_frame(&mut send, &refusal).await.is_ok() && send.finish().is_ok();
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        if sent {
+            let delivered = async {
+                tokio::select! {
+                    _ = send.stopped() => {}
+                    _ = conn.closed() => {}
+                }
+            };
+            let _ = tokio::time::timeout(REFUSAL_LINGER, delivered).await;
+        }
+        conn.close(CLOSE_AUTH_FAILED.into(), b"wrong mesh key");
+    });
 }
 
 /// Asks for [`SOCKET_BUFFER`] bytes of kernel buffer each way (the kernel caps it at
