@@ -27,6 +27,9 @@
 //! - `--stall-once-after N`: the first CDN body of each file stops after N bytes and holds the
 //!   connection open; `--fail-first N`: the first N requests get a 503 with `Retry-After: 1`;
 //!   `--rate B`: each body goes out at most B bytes per second;
+//! - `--moved OLD=NEW`: every request about repo `OLD` (a one-part id such as `gpt2`, which the
+//!   Hub moved under an org, or a renamed repo) is answered 307 with a relative `Location`:
+//!   the same path and query about `NEW`, as the Hub redirects them;
 //! - `GET /_stats`: body bytes served (API + CDN, counted as they are sent), per file, and
 //!   every request as `METHOD path status`.
 
@@ -80,6 +83,9 @@ struct Opt {
     /// Repo file paths (`org/name/path`) served with a flipped byte.
     #[arg(long = "corrupt")]
     corrupt: Vec<String>,
+    /// `OLD=NEW`: requests about repo OLD are redirected to the same requests about NEW.
+    #[arg(long = "moved")]
+    moved: Vec<String>,
     /// Advertise Xet for LFS files.
     #[arg(long)]
     xet: bool,
@@ -105,6 +111,8 @@ pub(crate) struct Hub {
     repos: Repos,
     token: String,
     corrupt: Vec<String>,
+    /// Old repo id, new repo id.
+    moved: Vec<(String, String)>,
     xet: bool,
     tree_page_size: usize,
     stall_once_after: Option<u64>,
@@ -135,6 +143,14 @@ async fn main() -> anyhow::Result<()> {
         repos,
         token: opt.token.clone(),
         corrupt: opt.corrupt.clone(),
+        moved: opt
+            .moved
+            .iter()
+            .map(|m| match m.split_once('=') {
+                Some((old, new)) => Ok((old.to_string(), new.to_string())),
+                None => Err(anyhow::anyhow!("--moved takes OLD=NEW, not {m:?}")),
+            })
+            .collect::<anyhow::Result<_>>()?,
         xet: opt.xet,
         tree_page_size: opt.tree_page_size.max(1),
         stall_once_after: opt.stall_once_after,
@@ -168,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .route("/_stats", get(stats))
         .fallback(|| async { hf_error(StatusCode::NOT_FOUND, "", "Not Found") })
+        .layer(middleware::from_fn_with_state(hub.clone(), redirect_moved))
         .layer(middleware::from_fn_with_state(hub.clone(), log_and_fail))
         .with_state(hub.clone());
     let cdn_app = Router::new()
@@ -207,6 +224,45 @@ async fn log_and_fail(State(hub): State<Arc<Hub>>, req: Request, next: Next) -> 
     let mut log = hub.log.lock().unwrap();
     log.push(format!("{line} {}", resp.status().as_u16()));
     resp
+}
+
+/// Redirects a request about a moved repo to the same request about its new id: 307, with a
+/// `Location` relative to this origin (clients follow it on the same host, keeping the token).
+async fn redirect_moved(State(hub): State<Arc<Hub>>, req: Request, next: Next) -> Response {
+    let uri = req.uri();
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    for (old, new) in &hub.moved {
+        if let Some((before, after)) = repo_in_path(uri.path(), old) {
+            let location = format!("{before}{new}{after}{query}");
+            let body = format!("Temporary Redirect. Redirecting to {location}");
+            return (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, location)],
+                body,
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Where `repo` sits in `path` if the path is one of the Hub's routes about it: the text
+/// before and after the repo id.
+fn repo_in_path<'a>(path: &'a str, repo: &str) -> Option<(&'a str, &'a str)> {
+    let api = ["", "/revision/", "/tree/", "/paths-info/", "/auth-check"];
+    for (prefix, routes) in [("/api/models/", &api[..]), ("/", &["/resolve/"][..])] {
+        let Some(after) = path.strip_prefix(prefix).and_then(|p| p.strip_prefix(repo)) else {
+            continue;
+        };
+        let route_follows = routes.iter().any(|r| match *r {
+            "" | "/auth-check" => after == *r,
+            r => after.starts_with(r),
+        });
+        if route_follows {
+            return Some((prefix, after));
+        }
+    }
+    None
 }
 
 /// An error as the Hub sends it.
