@@ -16,6 +16,10 @@ const TINY: &str = "org/tiny";
 const DIFF: &str = "org/diffusers";
 const GATED: &str = "org/gated";
 const TOKEN: &str = "hf_secret";
+/// A one-part id the stand-in moved to `TINY`, as the Hub moved `gpt2` under an org.
+const ONE_PART: &str = "tiny";
+/// A renamed repo the stand-in redirects to `TINY`.
+const RENAMED: &str = "old-org/tiny";
 
 /// A tokenizer-and-config repo transformers can load, a weight file (LFS) and a sub-folder.
 fn make_tiny(dir: &Path, seed: u64) {
@@ -99,6 +103,10 @@ impl Setup {
             GATED.into(),
             "--token".into(),
             TOKEN.into(),
+            "--moved".into(),
+            format!("{ONE_PART}={TINY}"),
+            "--moved".into(),
+            format!("{RENAMED}={TINY}"),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let hub = FakeHub::start(tmp.path(), None, "127.0.0.1", &args).unwrap();
@@ -276,6 +284,25 @@ fn real_clients_get_the_same_through_the_node_as_from_the_hub() {
             .len(),
         "the node fetched the weights more than once"
     );
+    // Moved repos: the client follows the node's redirect and loads the repo by its new id.
+    s.same(
+        "model_info(one-part id)",
+        None,
+        &["info", ONE_PART],
+        &mut table,
+    );
+    s.same(
+        "AutoTokenizer(one-part id)",
+        None,
+        &["tokenizer", ONE_PART],
+        &mut table,
+    );
+    s.same(
+        "hf_hub_download(renamed repo)",
+        None,
+        &["download", RENAMED, "model.safetensors"],
+        &mut table,
+    );
     hf_cli_matches(&s, &mut table);
     hf_hub_crate_matches(&s, &mut table);
     eprintln!("{}", table.join("\n"));
@@ -315,12 +342,12 @@ fn hf_cli_matches(s: &Setup, table: &mut Vec<String>) {
 /// The Rust `hf-hub` crate: a file, revision info, and a missing file.
 fn hf_hub_crate_matches(s: &Setup, table: &mut Vec<String>) {
     let bin = mesh_bin().with_file_name("hf-hub-client");
-    let run = |endpoint: &str, label: &str, args: &[&str]| {
+    let run = |endpoint: &str, label: &str, repo: &str, args: &[&str]| {
         let started = Instant::now();
         let out = Command::new(&bin)
             .args(["--endpoint", endpoint, "--cache"])
             .arg(s.home(&format!("hfhub-{label}")))
-            .args(["--repo", TINY])
+            .args(["--repo", repo])
             .args(args)
             .output()
             .expect("hf-hub-client runs");
@@ -328,13 +355,14 @@ fn hf_hub_crate_matches(s: &Setup, table: &mut Vec<String>) {
             serde_json::from_slice(&out.stdout).expect("hf-hub-client prints JSON");
         (v, started.elapsed().as_secs_f64())
     };
-    for (label, args) in [
-        ("get", &["get", "model.safetensors"][..]),
-        ("info", &["info"][..]),
-        ("missing", &["get", "nope.json"][..]),
+    for (label, repo, args) in [
+        ("get", TINY, &["get", "model.safetensors"][..]),
+        ("get (one-part id)", ONE_PART, &["get", "config.json"][..]),
+        ("info", TINY, &["info"][..]),
+        ("missing", TINY, &["get", "nope.json"][..]),
     ] {
-        let (direct, t1) = run(&s.hub.endpoint, &format!("{label}-direct"), args);
-        let (via, t2) = run(&s.node_endpoint(), &format!("{label}-node"), args);
+        let (direct, t1) = run(&s.hub.endpoint, &format!("{label}-direct"), repo, args);
+        let (via, t2) = run(&s.node_endpoint(), &format!("{label}-node"), repo, args);
         // Errors name the URL, which differs; their kind must not.
         let same = if direct["ok"] == true {
             direct == via
@@ -466,6 +494,44 @@ fn gated_repos_need_a_token_the_hub_accepts_and_foreign_hosts_are_refused() {
     eprintln!("gated: no token 401 GatedRepo, wrong token 403 GatedRepo, foreign Host 403");
 }
 
+/// A repo the Hub moved is redirected by the node as the stand-in redirects it, to the same
+/// route about the new id, and still after the Hub became unreachable.
+#[test]
+fn moved_repos_are_redirected_as_the_hub_redirects_them_also_offline() {
+    let mut s = Setup::new();
+    let hub: std::net::SocketAddr = s
+        .hub
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let location = |api, path: &str| raw_header(api, "GET", path, None, None, "location");
+    let paths = [
+        format!("/api/models/{ONE_PART}/revision/main?blobs=true"),
+        format!("/{ONE_PART}/resolve/main/config.json"),
+        format!("/api/models/{RENAMED}"),
+        format!("/{RENAMED}/resolve/main/sub/extra.json"),
+    ];
+    for path in &paths {
+        let direct = location(hub, path);
+        assert_eq!(direct.0, 307, "the stand-in redirects {path}");
+        assert!(direct.1.contains(&format!("{TINY}/")) || direct.1.ends_with(TINY));
+        assert_eq!(location(s.node.api, path), direct, "{path}");
+    }
+    // An unknown one-part id is what the Hub says it is.
+    let unknown = "/nothing-here/resolve/main/config.json";
+    assert_eq!(raw_status(s.node.api, "GET", unknown, None, None).0, 404);
+    s.hub.child.kill().unwrap();
+    s.hub.child.wait().unwrap();
+    for path in [&paths[1], &paths[2]] {
+        assert_eq!(location(s.node.api, path).0, 307, "offline: {path}");
+    }
+    eprintln!(
+        "moved: {} routes redirected as the Hub does, 2 of them offline",
+        paths.len()
+    );
+}
+
 /// Status and `X-Error-Code` of one raw HTTP/1.1 request to the node's API.
 fn raw_status(
     api: std::net::SocketAddr,
@@ -473,6 +539,18 @@ fn raw_status(
     path: &str,
     token: Option<&str>,
     host: Option<&str>,
+) -> (u16, String) {
+    raw_header(api, method, path, token, host, "x-error-code")
+}
+
+/// Status and one header's value (empty if absent) of one raw HTTP/1.1 request.
+fn raw_header(
+    api: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    host: Option<&str>,
+    header: &str,
 ) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(api).unwrap();
@@ -494,8 +572,7 @@ fn raw_status(
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-error-code")
-                .then(|| v.trim().to_string())
+            k.eq_ignore_ascii_case(header).then(|| v.trim().to_string())
         })
         .unwrap_or_default();
     (status, code)

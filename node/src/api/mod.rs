@@ -165,6 +165,10 @@ pub(crate) async fn serve(
         .merge(hf::router().route_layer(middleware::from_fn_with_state(state.clone(), count_hf)))
         .merge(lifecycle::router())
         .merge(fleet::router())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            hf::redirect_moved,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state.clone());
     let shutdown = async move { cancel.cancelled().await };

@@ -33,6 +33,15 @@ pub enum HubError {
     /// No such repo, revision or file.
     #[error("not found on HuggingFace: {0}")]
     NotFound(String),
+    /// The Hub redirected the repo to another id: a one-part id such as `gpt2` (moved under
+    /// an org in 2024), or a renamed repo.
+    #[error("HuggingFace moved {repo} to {to}: use hf://{to}")]
+    Moved {
+        /// The id asked for.
+        repo: String,
+        /// The id the Hub redirected to.
+        to: String,
+    },
     /// `HF_HUB_OFFLINE` is set.
     #[error("HF_HUB_OFFLINE is set: not contacting HuggingFace")]
     Offline,
@@ -99,6 +108,8 @@ pub struct Answer {
     pub message: Option<String>,
     /// The body.
     pub body: bytes::Bytes,
+    /// The path the Hub answered from, after the redirects it made on its own origin.
+    pub path: String,
 }
 
 impl Answer {
@@ -243,6 +254,7 @@ impl Hub {
 
     async fn answer(&self, resp: reqwest::Response) -> Result<Answer, HubError> {
         let status = resp.status().as_u16();
+        let path = resp.url().path().to_string();
         let code = header(&resp, "x-error-code");
         let message = header(&resp, "x-error-message");
         let body = resp.bytes().await.map_err(|e| self.unreachable(e))?;
@@ -251,6 +263,7 @@ impl Hub {
             code,
             message,
             body,
+            path,
         })
     }
 
@@ -261,8 +274,16 @@ impl Hub {
         rev: &str,
         auth: Auth<'_>,
     ) -> Result<Result<serde_json::Value, Answer>, HubError> {
-        let path = format!("/api/models/{repo}/revision/{}?blobs=true", urlencode(rev));
+        let route = format!("/revision/{}", urlencode(rev));
+        let path = format!("/api/models/{repo}{route}?blobs=true");
         let answer = self.api_get(&path, auth).await?;
+        // A moved repo's new place answers whatever it answers (even 401); the move comes first.
+        if let Some(to) = moved_to(&answer.path, "/api/models/", repo, &route) {
+            return Err(HubError::Moved {
+                repo: repo.to_string(),
+                to,
+            });
+        }
         if !answer.is_success() {
             return Ok(Err(answer));
         }
@@ -416,6 +437,14 @@ impl Hub {
     }
 }
 
+/// The repo id the Hub answered from, when a request for `{before}{repo}{after}` was
+/// redirected on the Hub's own origin to the same route about another repo.
+fn moved_to(answered: &str, before: &str, repo: &str, after: &str) -> Option<String> {
+    let to = answered.strip_prefix(before)?.strip_suffix(after)?;
+    let valid = !to.contains('@') && RepoRef::parse(to).is_some();
+    (to != repo && valid).then(|| to.to_string())
+}
+
 fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
     resp.headers()
         .get(name)
@@ -450,4 +479,32 @@ fn token_from_env() -> Option<String> {
     let token = std::fs::read_to_string(path).ok()?;
     let token = token.trim();
     (!token.is_empty()).then(|| token.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::moved_to;
+
+    #[test]
+    fn a_redirect_to_the_same_route_about_another_repo_is_a_move() {
+        let (api, route) = ("/api/models/", "/revision/main");
+        let moved = |answered: &str, repo: &str| moved_to(answered, api, repo, route);
+        assert_eq!(
+            moved("/api/models/openai-community/gpt2/revision/main", "gpt2").as_deref(),
+            Some("openai-community/gpt2")
+        );
+        assert_eq!(
+            moved("/api/models/KBLab/bert/revision/main", "KB/bert").as_deref(),
+            Some("KBLab/bert")
+        );
+        // Not moved: the same path, another route, or no valid repo id.
+        assert_eq!(
+            moved("/api/models/org/tiny/revision/main", "org/tiny"),
+            None
+        );
+        assert_eq!(moved("/api/models/org/tiny/tree/main", "gpt2"), None);
+        assert_eq!(moved("/login/revision/main", "gpt2"), None);
+        assert_eq!(moved("/api/models/a/b/c/revision/main", "gpt2"), None);
+        assert_eq!(moved("/api/models/../x/revision/main", "gpt2"), None);
+    }
 }

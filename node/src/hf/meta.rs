@@ -5,6 +5,8 @@
 //!   unreachable the last commit the Hub named answers.
 //! - A commit's revision info (`?blobs=true`, as the Hub sent it) and its recursive tree never
 //!   change: asked once, kept.
+//! - A move (the Hub redirected the repo to another id: `gpt2`, a renamed repo) is kept, so
+//!   that it still redirects offline.
 //! - A refusal (no such repo, revision, or no access) is the Hub's answer and is passed on as
 //!   it came, never replaced by what the cache holds.
 
@@ -103,17 +105,39 @@ impl HubMeta {
                 Ok(Revision { json, info })
             }
             Ok(Err(answer)) => Err(MetaError::Refused(answer)),
-            Err(e) if e.is_unreachable() && !is_commit(rev) => {
-                // Offline: the last commit the Hub named for this branch.
-                let commit = self.kept(&key("ref", repo, rev)).await?;
-                let commit = commit.and_then(|c| String::from_utf8(c).ok());
-                match commit {
-                    Some(commit) => self.kept_revision(repo, &commit).await?.ok_or(e.into()),
-                    None => Err(e.into()),
-                }
+            Err(HubError::Moved { repo, to }) => {
+                self.keep(&key("moved", &repo, ""), to.clone().into_bytes())
+                    .await?;
+                Err(HubError::Moved { repo, to }.into())
             }
+            Err(e) if e.is_unreachable() => match self.kept_move(repo).await? {
+                Some(to) => Err(HubError::Moved {
+                    repo: repo.to_string(),
+                    to,
+                }
+                .into()),
+                None => self.kept_commit(repo, rev, e).await,
+            },
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The revision a branch or tag last named, for when the Hub cannot be asked (`e`).
+    async fn kept_commit(&self, repo: &str, rev: &str, e: HubError) -> Result<Revision, MetaError> {
+        if is_commit(rev) {
+            return Err(e.into());
+        }
+        let commit = self.kept(&key("ref", repo, rev)).await?;
+        match commit.and_then(|c| String::from_utf8(c).ok()) {
+            Some(commit) => self.kept_revision(repo, &commit).await?.ok_or(e.into()),
+            None => Err(e.into()),
+        }
+    }
+
+    /// Where the Hub last said `repo` moved, if it did.
+    async fn kept_move(&self, repo: &str) -> Result<Option<String>, StoreError> {
+        let to = self.kept(&key("moved", repo, "")).await?;
+        Ok(to.and_then(|t| String::from_utf8(t).ok()))
     }
 
     /// Every entry of `repo`'s tree at `commit` (recursive), as the Hub lists it.
@@ -191,7 +215,7 @@ impl HubMeta {
     }
 }
 
-/// The store key of one kind of metadata (`ref`, `rev`, `tree`) of `repo` at `at`.
+/// The store key of one kind of metadata (`ref`, `rev`, `tree`, `moved`) of `repo` at `at`.
 fn key(kind: &str, repo: &str, at: &str) -> String {
     format!("{kind}\0{repo}\0{at}")
 }

@@ -9,6 +9,9 @@
 //!   A `GET` fetches only that file (peers first, HuggingFace as the fallback, shared with
 //!   every other request for it) and streams it as it arrives ([`stream`]).
 //!
+//! A repo the Hub moved (a one-part id such as `gpt2`, a renamed repo) is redirected as the Hub
+//! redirects it, relative to the node ([`moved`]).
+//!
 //! Errors are the Hub's (status, `X-Error-Code`, `X-Error-Message`, `{"error": ...}`), passed
 //! on as the Hub sent them where it sent them. Gated and private repos are served only to a
 //! request whose token the Hub accepts for that repo, or the node owner's API token ([`gate`]).
@@ -16,6 +19,7 @@
 
 mod gate;
 mod meta;
+mod moved;
 mod resolve;
 mod stream;
 
@@ -26,9 +30,9 @@ use axum::{
     Json, Router,
 };
 
-pub(crate) use self::{gate::Gate, stream::Poisoned};
+pub(crate) use self::{gate::Gate, moved::redirect_moved, stream::Poisoned};
 use super::ApiState;
-use crate::hf::{meta::MetaError, Answer};
+use crate::hf::{meta::MetaError, Answer, HubError};
 
 /// The routes, to merge into the local API.
 pub(crate) fn router() -> Router<ApiState> {
@@ -88,6 +92,14 @@ fn passthrough(answer: &Answer) -> Response {
 fn meta_error(e: &MetaError) -> Response {
     match e {
         MetaError::Refused(answer) => passthrough(answer),
+        MetaError::Hub(HubError::Moved { repo, to }) => {
+            let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
+            resp.extensions_mut().insert(moved::Moved {
+                from: repo.clone(),
+                to: to.clone(),
+            });
+            resp
+        }
         MetaError::Hub(e) if e.is_unreachable() => {
             let mut resp = hf_error(StatusCode::SERVICE_UNAVAILABLE, "", &e.to_string());
             resp.headers_mut()
