@@ -57,8 +57,8 @@ use crate::{
     discovery::Peers,
     hf::{
         cache_out::HfCacheError,
-        meta::{HubMeta, MetaError},
-        Auth, Hub, HubError,
+        meta::{HubMeta, MetaError, Revision},
+        Auth, Hub, HubError, RepoRef,
     },
     limits::Limits,
     metrics::Metrics,
@@ -373,11 +373,21 @@ impl Fetcher {
                     OllamaName::parse(name).ok_or_else(|| OllamaError::BadName(name.clone()))?;
                 return self.fetch_ollama(req, parsed, on_start).await;
             }
-            if let Some(published) = self.published(name) {
+            if let Some(mut published) = self.published(name) {
                 // `on_start` can only be called once: hand it over only if the Hub answers (or
                 // this node kept what it said).
+                let mut answer = self.revision_of(&published.repo).await;
+                if let Err(MetaError::Hub(HubError::Moved { repo, to })) = &answer {
+                    // As huggingface_hub does: a moved repo is fetched from its new id.
+                    tracing::warn!("HuggingFace moved {repo} to {to}; fetching {to}");
+                    if published.name == *repo {
+                        published.name = to.clone();
+                    }
+                    published.repo.repo = to.clone();
+                    answer = self.revision_of(&published.repo).await;
+                }
                 let (repo, rev) = (&published.repo.repo, &published.repo.revision);
-                return match self.meta.revision(repo, rev, Auth::Node).await {
+                return match answer {
                     Ok(revision) => {
                         self.fetch_external(&req, published, revision.info, on_start)
                             .await
@@ -404,6 +414,13 @@ impl Fetcher {
 }
 
 impl Fetcher {
+    /// The Hub's revision info for `repo`, with the node's own token.
+    async fn revision_of(&self, repo: &RepoRef) -> Result<Revision, MetaError> {
+        self.meta
+            .revision(&repo.repo, &repo.revision, Auth::Node)
+            .await
+    }
+
     /// App layouts need the kind of model: from the request, or the catalog (checked before
     /// any byte moves).
     fn check_kinds(&self, req: &FetchRequest) -> Result<(), FetchError> {
@@ -523,7 +540,7 @@ impl FetchError {
                 OllamaError::Store(_) => 1,
                 _ => 6,
             },
-            Self::Hub(HubError::NotFound(_)) => 3,
+            Self::Hub(HubError::NotFound(_) | HubError::Moved { .. }) => 3,
             Self::Hub(HubError::Mismatch { .. }) => 5,
             Self::Hub(_) => 4,
             Self::Shared(e) => e.exit_code(),

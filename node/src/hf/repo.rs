@@ -5,25 +5,30 @@ use serde::Deserialize;
 
 use crate::store::digest::Published;
 
-/// A repo reference: `org/name`, optionally `@revision`; `hf://` in front is accepted.
+/// A repo reference: `org/name`, optionally `@revision`; `hf://` in front is accepted. With
+/// `hf://`, a one-part id (`hf://gpt2`) is accepted too: the Hub moved every such repo under an
+/// org, and the fetch follows it there. Without `hf://`, a one-part name is a mesh name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepoRef {
-    /// `org/name`.
+    /// `org/name` (or a one-part id, until the Hub names its new id).
     pub repo: String,
     /// Branch, tag or commit (default `main`).
     pub revision: String,
 }
 
 impl RepoRef {
-    /// Parses `org/name[@rev]` or `hf://org/name[@rev]`; `None` if it is not of that form.
+    /// Parses `org/name[@rev]`, `hf://org/name[@rev]` or `hf://name[@rev]`; `None` if it is not
+    /// of that form.
     pub fn parse(s: &str) -> Option<Self> {
-        let s = s.strip_prefix("hf://").unwrap_or(s);
+        let (s, explicit) = match s.strip_prefix("hf://") {
+            Some(s) => (s, true),
+            None => (s, false),
+        };
         let (repo, revision) = match s.split_once('@') {
             Some((repo, rev)) if !rev.is_empty() => (repo, rev),
             Some(_) => return None,
             None => (s, "main"),
         };
-        let (org, name) = repo.split_once('/')?;
         let ok = |part: &str| {
             !part.is_empty()
                 && part.len() <= 96
@@ -32,11 +37,15 @@ impl RepoRef {
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
                 && !part.starts_with('.')
         };
+        let id_ok = match repo.split_once('/') {
+            Some((org, name)) => ok(org) && ok(name),
+            None => explicit && ok(repo),
+        };
         let rev_ok = revision
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
             && !revision.contains("..");
-        (ok(org) && ok(name) && rev_ok).then(|| Self {
+        (id_ok && rev_ok).then(|| Self {
             repo: repo.to_string(),
             revision: revision.to_string(),
         })
@@ -169,8 +178,14 @@ mod tests {
         assert_eq!(r.repo, "stabilityai/stable-diffusion-3.5-large");
         assert_eq!(r.revision, "main");
         assert_eq!(RepoRef::parse("a/b").unwrap().revision, "main");
+        // A one-part id only with hf:// (without, it is a mesh name).
+        let one = RepoRef::parse("hf://gpt2@v1").unwrap();
+        assert_eq!((one.repo.as_str(), one.revision.as_str()), ("gpt2", "v1"));
         for bad in [
             "sd3.5_large",
+            "gpt2",
+            "hf://.x",
+            "hf://",
             "a/b/c",
             "../x",
             "a/..",
