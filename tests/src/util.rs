@@ -373,6 +373,14 @@ pub struct FakeHub {
 }
 
 impl FakeHub {
+    /// A hermetic `mesh` command ([`mesh_cmd`]) with this Hub as HuggingFace.
+    pub fn mesh_cmd(&self, home: &Path) -> Command {
+        let mut cmd = mesh_cmd(home, None, None);
+        cmd.env("HF_ENDPOINT", &self.endpoint)
+            .env_remove("HF_HUB_OFFLINE");
+        cmd
+    }
+
     /// Starts `fake-hf` with extra arguments (`--repo org/name=DIR`, `--gated`, `--corrupt`),
     /// listening on `ip` (API and CDN), optionally inside a namespace.
     pub fn start(dir: &Path, netns: Option<&str>, ip: &str, args: &[&str]) -> Result<Self> {

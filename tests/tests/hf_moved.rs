@@ -6,18 +6,6 @@ use mesh_tests::util::*;
 
 const REPO: &str = "new-org/model";
 
-/// `mesh fetch` with the stand-in as HuggingFace.
-fn hub_cmd(hub: &FakeHub, home: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let out = mesh_cmd(home, None, None)
-        .env("HF_ENDPOINT", &hub.endpoint)
-        .env_remove("HF_HUB_OFFLINE")
-        .args(args)
-        .output()
-        .unwrap();
-    print_output(&format!("mesh {}", args.join(" ")), &out);
-    out
-}
-
 /// A repo the Hub renamed is fetched from its new id, as `huggingface-cli download` follows the
 /// Hub's redirect, and is known by that id afterwards.
 #[test]
@@ -42,12 +30,13 @@ fn a_renamed_repo_is_fetched_from_its_new_id() {
     )
     .unwrap();
     let home = tmp.path().join("node");
+    let mesh = |args: &[&str]| {
+        let out = hub.mesh_cmd(&home).args(args).output().unwrap();
+        print_output(&format!("mesh {}", args.join(" ")), &out);
+        out
+    };
     let out = tmp.path().join("out");
-    let run = hub_cmd(
-        &hub,
-        &home,
-        &["fetch", old, "--json", "--to", out.to_str().unwrap()],
-    );
+    let run = mesh(&["fetch", old, "--json", "--to", out.to_str().unwrap()]);
     assert!(run.status.success(), "fetch of a renamed repo failed");
     assert_same_tree(&repo, &out);
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
@@ -66,25 +55,17 @@ fn a_renamed_repo_is_fetched_from_its_new_id() {
     // By its new id, the store has it: nothing more from HF.
     let size = hub.served_bytes();
     let out2 = tmp.path().join("out2");
-    let again = hub_cmd(
-        &hub,
-        &home,
-        &["fetch", REPO, "--json", "--to", out2.to_str().unwrap()],
-    );
+    let again = mesh(&["fetch", REPO, "--json", "--to", out2.to_str().unwrap()]);
     assert!(again.status.success());
     assert_eq!(hub.served_bytes(), size, "the new id went to HF again");
     // A one-part id, as the Hub still redirects `gpt2`: with hf:// it is the Hub's.
-    let one = hub_cmd(
-        &hub,
-        &home,
-        &[
-            "fetch",
-            "hf://model",
-            "--json",
-            "--to",
-            out2.to_str().unwrap(),
-        ],
-    );
+    let one = mesh(&[
+        "fetch",
+        "hf://model",
+        "--json",
+        "--to",
+        out2.to_str().unwrap(),
+    ]);
     assert!(one.status.success(), "fetch of a one-part id failed");
     let report: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
     assert_eq!(report["name"], REPO);

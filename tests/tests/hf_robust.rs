@@ -19,10 +19,8 @@ fn hub(tmp: &Path, repo: &Path, extra: &[&str]) -> FakeHub {
 }
 
 fn fetch_cmd(hub: &FakeHub, home: &Path, out: &Path) -> std::process::Command {
-    let mut cmd = mesh_cmd(home, None, None);
-    cmd.env("HF_ENDPOINT", &hub.endpoint)
-        .args(["fetch", REPO, "--json", "--to"])
-        .arg(out);
+    let mut cmd = hub.mesh_cmd(home);
+    cmd.args(["fetch", REPO, "--json", "--to"]).arg(out);
     cmd
 }
 

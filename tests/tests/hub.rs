@@ -64,12 +64,7 @@ fn hub_cmd(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> std::process::Output {
-    let mut cmd = mesh_cmd(home, None, None);
-    cmd.env("HF_ENDPOINT", &hub.endpoint)
-        .env_remove("HF_TOKEN")
-        .env("HF_HOME", home.join("hf-home"))
-        .env_remove("HF_HUB_CACHE")
-        .env_remove("HF_HUB_OFFLINE");
+    let mut cmd = hub.mesh_cmd(home);
     for (k, v) in env {
         cmd.env(k, v);
     }
