@@ -27,6 +27,8 @@
 //! - `--stall-once-after N`: the first CDN body of each file stops after N bytes and holds the
 //!   connection open; `--fail-first N`: the first N requests get a 503 with `Retry-After: 1`;
 //!   `--rate B`: each body goes out at most B bytes per second;
+//! - `--dataset org/name=DIR`: a dataset repo, on the same routes under `/api/datasets/` and
+//!   `/datasets/`; a dataset is not found on the model routes, nor a model on these;
 //! - `--moved OLD=NEW`: every request about repo `OLD` (a one-part id such as `gpt2`, which the
 //!   Hub moved under an org, or a renamed repo) is answered 307 with a relative `Location`:
 //!   the same path and query about `NEW`, as the Hub redirects them;
@@ -71,6 +73,9 @@ struct Opt {
     /// `org/name=DIR` (branch main) or `org/name@REV=DIR` (branch or tag REV); repeatable.
     #[arg(long = "repo")]
     repos: Vec<String>,
+    /// `org/name=DIR`: a dataset repo (branch main); repeatable.
+    #[arg(long = "dataset")]
+    datasets: Vec<String>,
     /// Repos that need an approved token.
     #[arg(long = "gated")]
     gated: Vec<String>,
@@ -109,6 +114,8 @@ struct Opt {
 /// The Hub's state.
 pub(crate) struct Hub {
     repos: Repos,
+    /// The ids in `repos` that are datasets.
+    datasets: Vec<String>,
     token: String,
     corrupt: Vec<String>,
     /// Old repo id, new repo id.
@@ -138,9 +145,16 @@ async fn main() -> anyhow::Result<()> {
     let opt = Opt::parse();
     let api = tokio::net::TcpListener::bind(opt.listen).await?;
     let cdn = tokio::net::TcpListener::bind(opt.cdn).await?;
-    let repos = Repos::load(&opt.repos, &opt.gated, &opt.private)?;
+    let specs: Vec<String> = opt.repos.iter().chain(&opt.datasets).cloned().collect();
+    let repos = Repos::load(&specs, &opt.gated, &opt.private)?;
+    let datasets = opt
+        .datasets
+        .iter()
+        .filter_map(|d| d.split_once('=').map(|(id, _)| id.to_string()))
+        .collect();
     let hub = Arc::new(Hub {
         repos,
+        datasets,
         token: opt.token.clone(),
         corrupt: opt.corrupt.clone(),
         moved: opt
@@ -168,22 +182,26 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, format!("{} {}", api.local_addr()?, cdn.local_addr()?))?;
     }
     eprintln!("fake-hf api {} cdn {}", hub.api, hub.cdn);
-    let api_app = Router::new()
-        .route("/api/models/{org}/{name}", get(model_info))
-        .route("/api/models/{org}/{name}/revision/{rev}", get(revision))
-        .route("/api/models/{org}/{name}/auth-check", get(auth_check))
-        .route("/api/models/{org}/{name}/tree/{rev}", get(tree_root))
-        .route("/api/models/{org}/{name}/tree/{rev}/{*path}", get(tree))
-        .route(
-            "/api/models/{org}/{name}/paths-info/{rev}",
-            post(paths_info),
-        )
-        .route(
-            "/{org}/{name}/resolve/{rev}/{*path}",
-            get(resolve).head(resolve),
-        )
+    let mut api_app = Router::new();
+    // Models and datasets have the same routes under their own prefixes.
+    for (api, files) in [("/api/models", ""), ("/api/datasets", "/datasets")] {
+        let repo = format!("{api}/{{org}}/{{name}}");
+        api_app = api_app
+            .route(&repo, get(model_info))
+            .route(&format!("{repo}/revision/{{rev}}"), get(revision))
+            .route(&format!("{repo}/auth-check"), get(auth_check))
+            .route(&format!("{repo}/tree/{{rev}}"), get(tree_root))
+            .route(&format!("{repo}/tree/{{rev}}/{{*path}}"), get(tree))
+            .route(&format!("{repo}/paths-info/{{rev}}"), post(paths_info))
+            .route(
+                &format!("{files}/{{org}}/{{name}}/resolve/{{rev}}/{{*path}}"),
+                get(resolve).head(resolve),
+            );
+    }
+    let api_app = api_app
         .route("/_stats", get(stats))
         .fallback(|| async { hf_error(StatusCode::NOT_FOUND, "", "Not Found") })
+        .route_layer(middleware::from_fn_with_state(hub.clone(), repo_kind))
         .layer(middleware::from_fn_with_state(hub.clone(), redirect_moved))
         .layer(middleware::from_fn_with_state(hub.clone(), log_and_fail))
         .with_state(hub.clone());
@@ -242,6 +260,30 @@ async fn redirect_moved(State(hub): State<Arc<Hub>>, req: Request, next: Next) -
             )
                 .into_response();
         }
+    }
+    next.run(req).await
+}
+
+/// A dataset is found only on the dataset routes, a model only on the model routes.
+async fn repo_kind(
+    State(hub): State<Arc<Hub>>,
+    Path(params): Path<BTreeMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (Some(org), Some(name)) = (params.get("org"), params.get("name")) else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    let dataset_route = path.starts_with("/api/datasets/") || path.starts_with("/datasets/");
+    let is_dataset = hub.datasets.contains(&format!("{org}/{name}"));
+    if dataset_route != is_dataset {
+        let status = if req.headers().contains_key(header::AUTHORIZATION) {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        return hf_error(status, "RepoNotFound", "Repository Not Found");
     }
     next.run(req).await
 }
