@@ -2,8 +2,8 @@
 """Runs one HuggingFace client call and prints what it got as one JSON line, so that a test can
 run the same call against the Hub stand-in and against a mesh node and compare.
 
-    hf_client.py snapshot REPO [--revision R] [--allow PATTERN]...
-    hf_client.py download REPO FILE [--revision R]
+    hf_client.py snapshot REPO [--revision R] [--allow PATTERN]... [--repo-type dataset]
+    hf_client.py download REPO FILE [--revision R] [--repo-type dataset]
     hf_client.py info REPO [--revision R]        # model_info; without --revision: no /revision/
     hf_client.py config REPO                     # transformers AutoConfig
     hf_client.py tokenizer REPO                  # transformers AutoTokenizer
@@ -33,7 +33,10 @@ def run(args):
 
     if args.op == "snapshot":
         folder = hf.snapshot_download(
-            args.repo, revision=args.revision, allow_patterns=args.allow or None
+            args.repo,
+            revision=args.revision,
+            allow_patterns=args.allow or None,
+            repo_type=args.repo_type,
         )
         files = {}
         for root, _, names in os.walk(folder):
@@ -42,7 +45,9 @@ def run(args):
                 files[os.path.relpath(p, folder)] = sha256(p)
         return {"commit": os.path.basename(folder), "files": files}
     if args.op == "download":
-        path = hf.hf_hub_download(args.repo, args.file, revision=args.revision)
+        path = hf.hf_hub_download(
+            args.repo, args.file, revision=args.revision, repo_type=args.repo_type
+        )
         return {"sha256": sha256(path), "commit": path.split(os.sep)[-2 - args.file.count("/")]}
     if args.op == "info":
         info = hf.model_info(args.repo, revision=args.revision, files_metadata=True)
@@ -71,6 +76,7 @@ def main():
     p.add_argument("file", nargs="?")
     p.add_argument("--revision")
     p.add_argument("--allow", action="append")
+    p.add_argument("--repo-type")
     args = p.parse_args()
     start = time.monotonic()
     try:

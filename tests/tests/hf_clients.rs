@@ -20,6 +20,8 @@ const TOKEN: &str = "hf_secret";
 const ONE_PART: &str = "tiny";
 /// A renamed repo the stand-in redirects to `TINY`.
 const RENAMED: &str = "old-org/tiny";
+/// A dataset: the node passes it on to the Hub.
+const DATA: &str = "org/data";
 
 /// A tokenizer-and-config repo transformers can load, a weight file (LFS) and a sub-folder.
 fn make_tiny(dir: &Path, seed: u64) {
@@ -90,6 +92,9 @@ impl Setup {
         .unwrap();
         let diff = tmp.path().join("diffusers");
         make_diffusers(&diff);
+        let data = tmp.path().join("data");
+        write_file(&data.join("data/train.parquet"), 300_017, 43);
+        std::fs::write(data.join("README.md"), b"# a dataset\n").unwrap();
         let args = [
             "--repo".to_string(),
             format!("{TINY}={}", tiny.display()),
@@ -107,6 +112,8 @@ impl Setup {
             format!("{ONE_PART}={TINY}"),
             "--moved".into(),
             format!("{RENAMED}={TINY}"),
+            "--dataset".into(),
+            format!("{DATA}={}", data.display()),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let hub = FakeHub::start(tmp.path(), None, "127.0.0.1", &args).unwrap();
@@ -303,6 +310,22 @@ fn real_clients_get_the_same_through_the_node_as_from_the_hub() {
         &["download", RENAMED, "model.safetensors"],
         &mut table,
     );
+    // A dataset: passed on to the Hub as it came, answers included.
+    let dataset = ["--repo-type", "dataset"];
+    for (label, args) in [
+        ("dataset: snapshot_download", &["snapshot", DATA][..]),
+        (
+            "dataset: hf_hub_download",
+            &["download", DATA, "README.md"][..],
+        ),
+        ("dataset: missing file", &["download", DATA, "nope.csv"][..]),
+        (
+            "dataset: a model's id",
+            &["download", TINY, "config.json"][..],
+        ),
+    ] {
+        s.same(label, None, &[args, &dataset[..]].concat(), &mut table);
+    }
     hf_cli_matches(&s, &mut table);
     hf_hub_crate_matches(&s, &mut table);
     eprintln!("{}", table.join("\n"));
@@ -478,6 +501,20 @@ fn gated_repos_need_a_token_the_hub_accepts_and_foreign_hosts_are_refused() {
             .unwrap();
     let owner = info["token"].as_str().unwrap();
     assert_eq!(status(Some(owner), None), (200, String::new()));
+    // It opens the node, never the Hub: a request passed on goes without it (the stand-in
+    // answers 401 to a token that is no HF token).
+    assert!(!owner.starts_with("hf_"));
+    let data = format!("/api/datasets/{DATA}/revision/main");
+    let passed = raw_status(s.node.api, "GET", &data, Some(owner), None);
+    assert_eq!(passed, (200, String::new()));
+    // The node's own routes are never passed on.
+    assert_eq!(
+        raw_status(s.node.api, "GET", "/v1/nothing", None, None).0,
+        404
+    );
+    let requests = s.hub.stats()["requests"].to_string();
+    assert!(requests.contains(&format!("GET {data} 200")), "{requests}");
+    assert!(!requests.contains("/v1/nothing"), "{requests}");
     // A page that made its own name resolve to 127.0.0.1 (DNS rebinding) gets nothing.
     assert_eq!(status(Some(TOKEN), Some("attacker.example")).0, 403);
     assert_eq!(

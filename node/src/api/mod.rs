@@ -165,6 +165,7 @@ pub(crate) async fn serve(
         .merge(hf::router().route_layer(middleware::from_fn_with_state(state.clone(), count_hf)))
         .merge(lifecycle::router())
         .merge(fleet::router())
+        .fallback(hf::pass_on)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             hf::redirect_moved,

@@ -126,6 +126,8 @@ pub struct Hub {
     token: Option<String>,
     offline: bool,
     http: reqwest::Client,
+    /// For requests passed on as they came ([`Hub::pass_on`]): no redirect is followed.
+    raw: reqwest::Client,
     /// The node's rate limits and HF hours, awaited before every range and chunk.
     limits: Limits,
 }
@@ -146,6 +148,12 @@ impl Hub {
             offline,
             http: reqwest::Client::builder()
                 .user_agent(concat!("mesh/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(retry::CONNECT_TIMEOUT)
+                .read_timeout(retry::READ_TIMEOUT)
+                .build()
+                .expect("reqwest client builds"),
+            raw: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(retry::CONNECT_TIMEOUT)
                 .read_timeout(retry::READ_TIMEOUT)
                 .build()
@@ -250,6 +258,30 @@ impl Hub {
             .send(|| self.with_auth(self.http.get(&url), auth))
             .await?;
         self.answer(resp).await
+    }
+
+    /// Sends a client's request on to the Hub as it came (`path_and_query` on the endpoint),
+    /// once, and returns the Hub's answer as it came: a redirect is not followed, since the
+    /// client follows it (to the CDN, with no token) itself.
+    pub async fn pass_on(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        headers: reqwest::header::HeaderMap,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, HubError> {
+        if self.offline {
+            return Err(HubError::Offline);
+        }
+        let url = format!("{}{path_and_query}", self.endpoint);
+        let req = self.raw.request(method, &url).headers(headers).body(body);
+        req.send().await.map_err(|e| {
+            if retry::retryable_error(&e) {
+                self.unreachable(e)
+            } else {
+                self.http_err(e)
+            }
+        })
     }
 
     async fn answer(&self, resp: reqwest::Response) -> Result<Answer, HubError> {

@@ -9,6 +9,9 @@
 //!   A `GET` fetches only that file (peers first, HuggingFace as the fallback, shared with
 //!   every other request for it) and streams it as it arrives ([`stream`]).
 //!
+//! Everything else (datasets, spaces, search, `whoami`, uploads) is passed on to the Hub as it
+//! came ([`pass`]).
+//!
 //! A repo the Hub moved (a one-part id such as `gpt2`, a renamed repo) is redirected as the Hub
 //! redirects it, relative to the node ([`moved`]).
 //!
@@ -20,6 +23,7 @@
 mod gate;
 mod meta;
 mod moved;
+mod pass;
 mod resolve;
 mod stream;
 
@@ -30,7 +34,7 @@ use axum::{
     Json, Router,
 };
 
-pub(crate) use self::{gate::Gate, moved::redirect_moved, stream::Poisoned};
+pub(crate) use self::{gate::Gate, moved::redirect_moved, pass::pass_on, stream::Poisoned};
 use super::ApiState;
 use crate::hf::{meta::MetaError, Answer, HubError};
 

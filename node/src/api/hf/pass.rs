@@ -1,0 +1,70 @@
+//! What the node does not serve itself is passed on to the Hub: datasets and spaces, search,
+//! `whoami`, a model's commits or refs, uploads. An app pointed at the node with `HF_ENDPOINT`
+//! then keeps working for all of it, as with a plain HTTP proxy: the request goes to the Hub
+//! as it came, once, and the Hub's answer comes back as it came, streamed, redirects included
+//! (the client follows a redirect to the CDN itself). Nothing of it is kept or shared in the
+//! mesh; only models are.
+//!
+//! The client's own token goes to the Hub; the node's API token never leaves the node. Paths
+//! under `/v1/` are the node's own and are never passed on.
+
+use axum::{
+    body::Body,
+    extract::{Request, State},
+    http::{header, HeaderMap, StatusCode},
+    response::Response,
+};
+
+use super::{meta_error, ApiState};
+use crate::hf::{meta::MetaError, Auth};
+
+/// Headers that belong to one connection, not to the request or answer (RFC 9110, 7.6.1).
+const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Passes a request no route of the node took on to the Hub, and the Hub's answer back.
+pub(crate) async fn pass_on(State(state): State<ApiState>, req: Request) -> Response {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    if path.starts_with("/v1/") || path == "/v1" {
+        return crate::api::error(StatusCode::NOT_FOUND, format!("no such API route: {path}"));
+    }
+    let (parts, body) = req.into_parts();
+    let mut headers = without_hop_by_hop(&parts.headers);
+    headers.remove(header::HOST);
+    headers.remove("keep-alive");
+    if matches!(state.hub_auth(&parts.headers), Auth::Node) {
+        headers.remove(header::AUTHORIZATION);
+    }
+    let body = reqwest::Body::wrap_stream(body.into_data_stream());
+    let hub = state.fetcher.meta.hub();
+    let answer = match hub.pass_on(parts.method, &path, headers, body).await {
+        Ok(answer) => answer,
+        Err(e) => return meta_error(&MetaError::Hub(e)),
+    };
+    state.metrics.count_hf_request(answer.status().as_u16());
+    let (status, mut headers) = (answer.status(), without_hop_by_hop(answer.headers()));
+    headers.remove("keep-alive");
+    let mut resp = Response::new(Body::from_stream(answer.bytes_stream()));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+fn without_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    for name in &HOP_BY_HOP {
+        out.remove(name);
+    }
+    out
+}
