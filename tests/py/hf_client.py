@@ -5,6 +5,7 @@ run the same call against the Hub stand-in and against a mesh node and compare.
     hf_client.py snapshot REPO [--revision R] [--allow PATTERN]... [--repo-type dataset]
     hf_client.py download REPO FILE [--revision R] [--repo-type dataset]
     hf_client.py info REPO [--revision R]        # model_info; without --revision: no /revision/
+    hf_client.py paths REPO FILE [--repo-type dataset]   # get_paths_info (a POST with a form)
     hf_client.py config REPO                     # transformers AutoConfig
     hf_client.py tokenizer REPO                  # transformers AutoTokenizer
 
@@ -56,6 +57,9 @@ def run(args):
             for s in info.siblings
         )
         return {"sha": info.sha, "id": info.id, "gated": info.gated, "siblings": siblings}
+    if args.op == "paths":
+        infos = hf.HfApi().get_paths_info(args.repo, [args.file], repo_type=args.repo_type)
+        return {"paths": [[i.path, getattr(i, "size", None), i.blob_id] for i in infos]}
     if args.op == "config":
         from transformers import AutoConfig
 

@@ -146,8 +146,14 @@ impl Setup {
         dir
     }
 
-    /// One client call direct and through the node; asserts both got the same.
-    fn same(&self, label: &str, token: Option<&str>, args: &[&str], table: &mut Vec<String>) {
+    /// One client call direct and through the node; asserts both got the same, and returns it.
+    fn same(
+        &self,
+        label: &str,
+        token: Option<&str>,
+        args: &[&str],
+        table: &mut Vec<String>,
+    ) -> serde_json::Value {
         let direct = hf_client(
             &self.hub.endpoint,
             &self.home(&format!("{label}-direct")),
@@ -180,6 +186,7 @@ impl Setup {
             strip(&via),
             "{label}: direct vs through the node"
         );
+        direct
     }
 }
 
@@ -312,19 +319,31 @@ fn real_clients_get_the_same_through_the_node_as_from_the_hub() {
     );
     // A dataset: passed on to the Hub as it came, answers included.
     let dataset = ["--repo-type", "dataset"];
-    for (label, args) in [
-        ("dataset: snapshot_download", &["snapshot", DATA][..]),
+    for (label, args, ok) in [
+        ("dataset: snapshot_download", &["snapshot", DATA][..], true),
         (
             "dataset: hf_hub_download",
             &["download", DATA, "README.md"][..],
+            true,
         ),
-        ("dataset: missing file", &["download", DATA, "nope.csv"][..]),
+        (
+            "dataset: missing file",
+            &["download", DATA, "nope.csv"][..],
+            false,
+        ),
+        (
+            "dataset: get_paths_info (POST)",
+            &["paths", DATA, "README.md"][..],
+            true,
+        ),
         (
             "dataset: a model's id",
             &["download", TINY, "config.json"][..],
+            false,
         ),
     ] {
-        s.same(label, None, &[args, &dataset[..]].concat(), &mut table);
+        let got = s.same(label, None, &[args, &dataset[..]].concat(), &mut table);
+        assert_eq!(got["ok"], ok, "{label}: {got}");
     }
     hf_cli_matches(&s, &mut table);
     hf_hub_crate_matches(&s, &mut table);
