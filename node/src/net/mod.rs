@@ -395,19 +395,21 @@ async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream) {
         version: wire::VERSION,
         proof: [0; 32],
     };
-    let sent = write_frame(&mut send, &refusal).await.is_ok() && send.finish().is_ok();
+    let close = |conn: &quinn::Connection| conn.close(CLOSE_AUTH_FAILED.into(), b"wrong mesh key");
+    if write_frame(&mut send, &refusal).await.is_err() || send.finish().is_err() {
+        close(conn);
+        return;
+    }
     let conn = conn.clone();
     tokio::spawn(async move {
-        if sent {
-            let delivered = async {
-                tokio::select! {
-                    _ = send.stopped() => {}
-                    _ = conn.closed() => {}
-                }
-            };
-            let _ = tokio::time::timeout(REFUSAL_LINGER, delivered).await;
-        }
-        conn.close(CLOSE_AUTH_FAILED.into(), b"wrong mesh key");
+        let delivered = async {
+            tokio::select! {
+                _ = send.stopped() => {}
+                _ = conn.closed() => {}
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, delivered).await;
+        close(&conn);
     });
 }
 
