@@ -166,11 +166,9 @@ impl Net {
         accept: bool,
     ) -> Result<Self, BindError> {
         let tls = tls::configs(key_der)?;
-        let client_tls = Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls.client)
-                .map_err(|e| rustls::Error::General(e.to_string()))?,
-        );
-        let mut client = quinn::ClientConfig::new(client_tls.clone());
+        let client_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
         client.transport_config(Arc::new(transport_config(None, Some(KEEP_ALIVE))));
         let socket =
             std::net::UdpSocket::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
@@ -237,7 +235,10 @@ impl Net {
         &self,
         incoming: quinn::Incoming,
     ) -> Result<quinn::Connection, quinn::ConnectionError> {
-        match (&self.server, mtu::datagram_bound(incoming.remote_address())) {
+        // The route's MTU is looked up only by a net that accepts.
+        let server = self.server.as_ref();
+        let bound = server.and_then(|_| mtu::datagram_bound(incoming.remote_address()));
+        match (server, bound) {
             (Some(server), Some(bound)) => {
                 let mut config = server.clone();
                 config.transport_config(Arc::new(transport_config(Some(bound), None)));
