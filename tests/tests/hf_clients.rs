@@ -298,24 +298,27 @@ fn real_clients_get_the_same_through_the_node_as_from_the_hub() {
             .len(),
         "the node fetched the weights more than once"
     );
+    moved_and_dataset_calls_match(&s, &mut table);
+    hf_cli_matches(&s, &mut table);
+    hf_hub_crate_matches(&s, &mut table);
+    eprintln!("{}", table.join("\n"));
+}
+
+/// Repos the Hub moved, and a dataset the node passes on to the Hub: the same as direct.
+fn moved_and_dataset_calls_match(s: &Setup, table: &mut Vec<String>) {
     // Moved repos: the client follows the node's redirect and loads the repo by its new id.
-    s.same(
-        "model_info(one-part id)",
-        None,
-        &["info", ONE_PART],
-        &mut table,
-    );
+    s.same("model_info(one-part id)", None, &["info", ONE_PART], table);
     s.same(
         "AutoTokenizer(one-part id)",
         None,
         &["tokenizer", ONE_PART],
-        &mut table,
+        table,
     );
     s.same(
         "hf_hub_download(renamed repo)",
         None,
         &["download", RENAMED, "model.safetensors"],
-        &mut table,
+        table,
     );
     // A dataset: passed on to the Hub as it came, answers included.
     let dataset = ["--repo-type", "dataset"];
@@ -342,12 +345,9 @@ fn real_clients_get_the_same_through_the_node_as_from_the_hub() {
             false,
         ),
     ] {
-        let got = s.same(label, None, &[args, &dataset[..]].concat(), &mut table);
+        let got = s.same(label, None, &[args, &dataset[..]].concat(), table);
         assert_eq!(got["ok"], ok, "{label}: {got}");
     }
-    hf_cli_matches(&s, &mut table);
-    hf_hub_crate_matches(&s, &mut table);
-    eprintln!("{}", table.join("\n"));
 }
 
 /// `hf download REPO --local-dir DIR`, direct and through the node: the same files.
@@ -574,6 +574,23 @@ fn moved_repos_are_redirected_as_the_hub_redirects_them_also_offline() {
         assert!(direct.1.contains(&format!("{TINY}/")) || direct.1.ends_with(TINY));
         assert_eq!(location(s.node.api, path), direct, "{path}");
     }
+    // The node asked the Hub about the one-part id once (the stand-in's log also holds the one
+    // direct request above), not once per request.
+    let again = format!("/{ONE_PART}/resolve/main/sub/extra.json");
+    assert_eq!(location(s.node.api, &again).0, 307);
+    let asked = s.hub.stats()["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            let r = r.as_str().unwrap();
+            r.starts_with(&format!("GET /api/models/{ONE_PART}/revision/main"))
+        })
+        .count();
+    assert_eq!(
+        asked, 2,
+        "the node asked the Hub about {ONE_PART} per request"
+    );
     // An unknown one-part id is what the Hub says it is.
     let unknown = "/nothing-here/resolve/main/config.json";
     assert_eq!(raw_status(s.node.api, "GET", unknown, None, None).0, 404);

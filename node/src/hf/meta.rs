@@ -5,8 +5,8 @@
 //!   unreachable the last commit the Hub named answers.
 //! - A commit's revision info (`?blobs=true`, as the Hub sent it) and its recursive tree never
 //!   change: asked once, kept.
-//! - A move (the Hub redirected the repo to another id: `gpt2`, a renamed repo) is kept, so
-//!   that it still redirects offline.
+//! - A move (the Hub redirected the repo to another id: `gpt2`, a renamed repo) is trusted
+//!   for [`MOVE_TTL`] without asking again, and kept, so that it still redirects offline.
 //! - A refusal (no such repo, revision, or no access) is the Hub's answer and is passed on as
 //!   it came, never replaced by what the cache holds.
 
@@ -21,6 +21,9 @@ use crate::store::{blocking, Store, StoreError};
 
 /// How long the commit a branch named is trusted without asking the Hub again.
 const REF_TTL: Duration = Duration::from_secs(5);
+/// How long a move the Hub made is trusted without asking again: a client asks about the old
+/// id once per file, and the Hub moves repos for good.
+const MOVE_TTL: Duration = Duration::from_secs(600);
 
 /// Why metadata could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,8 @@ pub struct Revision {
 
 /// Branches asked lately: (repo, rev) -> (commit, when).
 type Refs = HashMap<(String, String), (String, Instant)>;
+/// Moves the Hub named lately: old id -> (new id, when).
+type Moves = HashMap<String, (String, Instant)>;
 
 /// The metadata cache in front of the Hub. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -56,6 +61,8 @@ pub struct HubMeta {
     store: Store,
     /// Branches asked of the Hub lately: (repo, rev) -> (commit, when). A std mutex: lookups.
     refs: Arc<Mutex<Refs>>,
+    /// Moves the Hub named lately.
+    moves: Arc<Mutex<Moves>>,
 }
 
 impl HubMeta {
@@ -65,6 +72,7 @@ impl HubMeta {
             hub,
             store,
             refs: Arc::default(),
+            moves: Arc::default(),
         }
     }
 
@@ -80,6 +88,13 @@ impl HubMeta {
         rev: &str,
         auth: Auth<'_>,
     ) -> Result<Revision, MetaError> {
+        if let Some(to) = self.recent_move(repo) {
+            return Err(HubError::Moved {
+                repo: repo.to_string(),
+                to,
+            }
+            .into());
+        }
         if is_commit(rev) {
             if let Some(kept) = self.kept_revision(repo, rev).await? {
                 return Ok(kept);
@@ -106,6 +121,10 @@ impl HubMeta {
             }
             Ok(Err(answer)) => Err(MetaError::Refused(answer)),
             Err(HubError::Moved { repo, to }) => {
+                self.moves
+                    .lock()
+                    .expect("moves lock poisoned")
+                    .insert(repo.clone(), (to.clone(), Instant::now()));
                 self.keep(&key("moved", &repo, ""), to.clone().into_bytes())
                     .await?;
                 Err(HubError::Moved { repo, to }.into())
@@ -169,6 +188,14 @@ impl HubMeta {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn recent_move(&self, repo: &str) -> Option<String> {
+        let moves = self.moves.lock().expect("moves lock poisoned");
+        moves
+            .get(repo)
+            .filter(|(_, at)| at.elapsed() < MOVE_TTL)
+            .map(|(to, _)| to.clone())
     }
 
     fn recent_ref(&self, repo: &str, rev: &str) -> Option<String> {
