@@ -7,7 +7,8 @@
 //! - `GET /api/models/{org}/{name}` (= `main`) and `.../revision/{rev}` (`?blobs=true`: sizes,
 //!   blob ids, LFS);
 //! - `GET .../tree/{rev}[/{path}]` (`?recursive=true`), paginated by `--tree-page-size` with
-//!   a `Link: <...>; rel="next"` header, 404 `EntryNotFound` for a missing folder;
+//!   a `Link: <...>; rel="next"` header, 404 `EntryNotFound` for a missing folder; with
+//!   `?expand=true` each entry also names its `lastCommit`, 50 to a page;
 //! - `POST .../paths-info/{rev}` (form `paths=`; missing paths left out);
 //! - `GET .../auth-check`: 200, or the error the token deserves;
 //! - `HEAD`/`GET /{org}/{name}/resolve/{rev}/{path}`: small files inline with `ETag` (the git
@@ -52,7 +53,7 @@ use std::{
 
 use axum::{
     extract::{Path, Query, RawForm, Request, State},
-    http::{header, HeaderMap, Method, StatusCode},
+    http::{header, HeaderMap, Method, StatusCode, Uri},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -461,28 +462,41 @@ async fn tree_root(
     State(hub): State<Arc<Hub>>,
     Path((org, name, rev)): Path<(String, String, String)>,
     Query(q): Query<BTreeMap<String, String>>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    tree_impl(&hub, &format!("{org}/{name}"), &rev, "", &q, &headers)
+    let at = (format!("{org}/{name}"), rev, String::new());
+    tree_impl(&hub, at, &q, &uri, &headers)
 }
 
 async fn tree(
     State(hub): State<Arc<Hub>>,
     Path((org, name, rev, path)): Path<(String, String, String, String)>,
     Query(q): Query<BTreeMap<String, String>>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    tree_impl(&hub, &format!("{org}/{name}"), &rev, &path, &q, &headers)
+    tree_impl(
+        &hub,
+        (format!("{org}/{name}"), rev, path),
+        &q,
+        &uri,
+        &headers,
+    )
 }
 
+/// The Hub's pages: 1,000 entries (`--tree-page-size`), 50 with `expand`.
+const EXPANDED_PAGE: usize = 50;
+
+/// A tree listing of `(repo id, revision, folder)`, one page of it.
 fn tree_impl(
     hub: &Hub,
-    id: &str,
-    rev: &str,
-    dir: &str,
+    (id, rev, dir): (String, String, String),
     q: &BTreeMap<String, String>,
+    uri: &Uri,
     headers: &HeaderMap,
 ) -> Response {
+    let (id, rev, dir) = (id.as_str(), rev.as_str(), dir.as_str());
     let (repo, commit) = match repo(hub, id, rev, headers) {
         Ok(r) => r,
         Err(e) => return e,
@@ -494,23 +508,31 @@ fn tree_impl(
         return resp;
     };
     // Pages as the Hub's: an opaque cursor in the next page's absolute URL.
+    let expand = truthy(q, "expand");
+    let size = if expand {
+        hub.tree_page_size.min(EXPANDED_PAGE)
+    } else {
+        hub.tree_page_size
+    };
     let start: usize = q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
-    let end = (start + hub.tree_page_size).min(entries.len());
-    let page = entries.get(start..end).unwrap_or_default().to_vec();
+    let end = (start + size).min(entries.len());
+    let mut page = entries.get(start..end).unwrap_or_default().to_vec();
+    if expand {
+        // The last commit that touched each entry: every file here came with its commit.
+        for entry in &mut page {
+            entry["lastCommit"] = serde_json::json!({
+                "id": commit,
+                "title": format!("Upload {}", entry["path"].as_str().unwrap_or_default()),
+                "date": "2024-05-01T12:00:00.000Z",
+            });
+        }
+    }
     let mut resp = Json(page).into_response();
     if end < entries.len() {
         let mut next = q.clone();
         next.insert("cursor".into(), end.to_string());
         let query = serde_urlencoded::to_string(&next).unwrap();
-        let path = if dir.is_empty() {
-            String::new()
-        } else {
-            format!("/{dir}")
-        };
-        let link = format!(
-            "<{}/api/models/{id}/tree/{rev}{path}?{query}>; rel=\"next\"",
-            hub.api
-        );
+        let link = format!("<{}{}?{query}>; rel=\"next\"", hub.api, uri.path());
         resp.headers_mut()
             .insert(header::LINK, link.parse().unwrap());
     }
