@@ -114,6 +114,9 @@ impl Setup {
             format!("{RENAMED}={TINY}"),
             "--dataset".into(),
             format!("{DATA}={}", data.display()),
+            // Listings come in pages, so that clients and the node follow them.
+            "--tree-page-size".into(),
+            "5".into(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let hub = FakeHub::start(tmp.path(), None, "127.0.0.1", &args).unwrap();
@@ -300,6 +303,7 @@ fn real_clients_get_the_same_through_the_node_as_from_the_hub() {
     );
     moved_and_dataset_calls_match(&s, &mut table);
     hf_cli_matches(&s, &mut table);
+    hf_ls_matches(&s, &mut table);
     hf_hub_crate_matches(&s, &mut table);
     eprintln!("{}", table.join("\n"));
 }
@@ -378,6 +382,45 @@ fn hf_cli_matches(s: &Setup, table: &mut Vec<String>) {
     assert_same_tree(&s.dirs[0].1, &via);
     table.push(format!(
         "| hf download (CLI) | {t1:.3} s | {t2:.3} s | yes |"
+    ));
+}
+
+/// `hf models ls REPO -R --format json` (an expanded listing: each file's last commit, 50 to
+/// a page), direct and through the node: the same entries, dates included.
+fn hf_ls_matches(s: &Setup, table: &mut Vec<String>) {
+    let run = |endpoint: &str, label: &str| {
+        let started = Instant::now();
+        let out = Command::new("hf")
+            .args(["models", "ls", DIFF, "-R", "--format", "json"])
+            .env("HF_ENDPOINT", endpoint)
+            .env("HF_HOME", s.home(&format!("ls-{label}")))
+            .env("HF_HUB_DISABLE_TELEMETRY", "1")
+            .env_remove("HF_TOKEN")
+            .output()
+            .expect("the hf CLI runs");
+        assert!(out.status.success(), "hf models ls ({label}) failed");
+        let listing: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("hf models ls prints JSON");
+        (listing, started.elapsed().as_secs_f64())
+    };
+    let (direct, t1) = run(&s.hub.endpoint, "direct");
+    let (via, t2) = run(&s.node_endpoint(), "node");
+    assert_eq!(direct, via, "hf models ls: direct vs through the node");
+    let dated = direct
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| !e["last_commit"].is_null())
+        .count();
+    assert!(dated > 0, "no entry has its last commit: {direct}");
+    // The next page is asked of the node, not of the Hub behind it.
+    let first = format!("/api/models/{DIFF}/tree/main?recursive=true&expand=true");
+    let (status, link) = raw_header(s.node.api, "GET", &first, None, None, "link");
+    assert_eq!(status, 200);
+    let node = format!("<http://{}/api/models/{DIFF}/tree/main?", s.node.api);
+    assert!(link.starts_with(&node), "next page: {link}");
+    table.push(format!(
+        "| hf models ls -R ({dated} entries dated) | {t1:.3} s | {t2:.3} s | yes |"
     ));
 }
 

@@ -1,19 +1,23 @@
 //! The endpoint's metadata routes: revision info, tree listings, paths-info and auth-check,
 //! answered from the Hub's own answers for the commit (`hf::meta`): the listing is always the
 //! commit's full file list, whatever the store holds, and nothing waits for file content.
-//! Xet is never advertised (`xetHash` is dropped) and listings come in one page.
+//! Xet is never advertised (`xetHash` is dropped) and listings come in one page. An expanded
+//! listing (`expand=true`: each entry's last commit) is the Hub's, passed on.
 
 use std::collections::BTreeSet;
 
 use axum::{
-    extract::{Path, RawForm, RawQuery, State},
+    extract::{Path, RawForm, RawQuery, Request, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
 
 use super::{bearer, hf_error, meta_error, passthrough, ApiState};
-use crate::hf::{meta::Revision, Auth};
+use crate::hf::{
+    meta::{MetaError, Revision},
+    Auth,
+};
 
 /// Query or form pairs, keys repeated as clients send them (`expand=a&expand=b`).
 type Pairs = Vec<(String, String)>;
@@ -150,21 +154,38 @@ pub(super) async fn auth_check(
 pub(super) async fn tree_root(
     State(state): State<ApiState>,
     Path((org, name, rev)): Path<(String, String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
+    req: Request,
 ) -> Response {
-    let q = pairs(q.as_deref());
-    tree_impl(&state, &format!("{org}/{name}"), &rev, "", &q, &headers).await
+    tree_or_pass(&state, &format!("{org}/{name}"), &rev, "", req).await
 }
 
 pub(super) async fn tree(
     State(state): State<ApiState>,
     Path((org, name, rev, path)): Path<(String, String, String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
+    req: Request,
 ) -> Response {
-    let q = pairs(q.as_deref());
-    tree_impl(&state, &format!("{org}/{name}"), &rev, &path, &q, &headers).await
+    tree_or_pass(&state, &format!("{org}/{name}"), &rev, &path, req).await
+}
+
+/// A listing from the kept tree; with `expand` (each entry's last commit, which the kept tree
+/// does not hold) the Hub's own, passed on, and the kept one only when the Hub can't be asked.
+async fn tree_or_pass(
+    state: &ApiState,
+    repo: &str,
+    rev: &str,
+    dir: &str,
+    req: Request,
+) -> Response {
+    let q = pairs(req.uri().query());
+    let headers = req.headers().clone();
+    if truthy(&q, "expand") {
+        match super::pass::pass(state, req).await {
+            Ok(resp) => return resp,
+            Err(e) if !e.is_unreachable() => return meta_error(&MetaError::Hub(e)),
+            Err(_) => {}
+        }
+    }
+    tree_impl(state, repo, rev, dir, &q, &headers).await
 }
 
 async fn tree_impl(

@@ -5,18 +5,20 @@
 //! (the client follows a redirect to the CDN itself). Nothing of it is kept or shared in the
 //! mesh; only models are.
 //!
-//! The client's own token goes to the Hub; the node's API token never leaves the node. Paths
-//! under `/v1/` are the node's own and are never passed on.
+//! The client's own token goes to the Hub; the node's API token never leaves the node. Links
+//! to the Hub's own origin in an answer (the next page of a listing) are turned into links to
+//! the node, so that the client comes back here. Paths under `/v1/` are the node's own and
+//! are never passed on.
 
 use axum::{
     body::Body,
     extract::{Request, State},
-    http::{header, HeaderMap, StatusCode},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::Response,
 };
 
 use super::{meta_error, ApiState};
-use crate::hf::{meta::MetaError, Auth};
+use crate::hf::{meta::MetaError, Auth, HubError};
 
 /// Headers that belong to one connection, not to the request or answer (RFC 9110, 7.6.1).
 const HOP_BY_HOP: [header::HeaderName; 7] = [
@@ -31,14 +33,25 @@ const HOP_BY_HOP: [header::HeaderName; 7] = [
 
 /// Passes a request no route of the node took on to the Hub, and the Hub's answer back.
 pub(crate) async fn pass_on(State(state): State<ApiState>, req: Request) -> Response {
+    let path = req.uri().path();
+    if path.starts_with("/v1/") || path == "/v1" {
+        return crate::api::error(StatusCode::NOT_FOUND, format!("no such API route: {path}"));
+    }
+    match pass(&state, req).await {
+        Ok(resp) => resp,
+        Err(e) => meta_error(&MetaError::Hub(e)),
+    }
+}
+
+/// Sends `req` to the Hub as it came and returns the Hub's answer as it came, its links to the
+/// Hub's own origin (a `Link` to the next page, a `Location` on the Hub) turned into links to
+/// this node; `Err` if the Hub could not be asked.
+pub(super) async fn pass(state: &ApiState, req: Request) -> Result<Response, HubError> {
     let path = req
         .uri()
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    if path.starts_with("/v1/") || path == "/v1" {
-        return crate::api::error(StatusCode::NOT_FOUND, format!("no such API route: {path}"));
-    }
     let (parts, body) = req.into_parts();
     let mut headers = without_hop_by_hop(&parts.headers);
     headers.remove(header::HOST);
@@ -48,17 +61,31 @@ pub(crate) async fn pass_on(State(state): State<ApiState>, req: Request) -> Resp
     }
     let body = reqwest::Body::wrap_stream(body.into_data_stream());
     let hub = state.fetcher.meta.hub();
-    let answer = match hub.pass_on(parts.method, &path, headers, body).await {
-        Ok(answer) => answer,
-        Err(e) => return meta_error(&MetaError::Hub(e)),
-    };
+    let answer = hub.pass_on(parts.method, &path, headers, body).await?;
     state.metrics.count_hf_request(answer.status().as_u16());
     let (status, mut headers) = (answer.status(), without_hop_by_hop(answer.headers()));
     headers.remove("keep-alive");
+    if let Some(host) = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
+        let node = format!("http://{host}");
+        for name in [header::LINK, header::LOCATION] {
+            let here = headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.replace(hub.endpoint(), &node))
+                .and_then(|v| HeaderValue::from_str(&v).ok());
+            if let Some(here) = here {
+                headers.insert(name, here);
+            }
+        }
+    }
     let mut resp = Response::new(Body::from_stream(answer.bytes_stream()));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
-    resp
+    Ok(resp)
 }
 
 fn without_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
