@@ -20,7 +20,8 @@ use axum::{
 use super::{meta_error, ApiState};
 use crate::hf::{meta::MetaError, Auth, HubError};
 
-/// Headers that belong to one connection, not to the request or answer (RFC 9110, 7.6.1).
+/// Headers that belong to one connection, not to the request or answer (RFC 9110, 7.6.1),
+/// besides `Keep-Alive`.
 const HOP_BY_HOP: [header::HeaderName; 7] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
@@ -37,10 +38,13 @@ pub(crate) async fn pass_on(State(state): State<ApiState>, req: Request) -> Resp
     if path.starts_with("/v1/") || path == "/v1" {
         return crate::api::error(StatusCode::NOT_FOUND, format!("no such API route: {path}"));
     }
-    match pass(&state, req).await {
+    let resp = match pass(&state, req).await {
         Ok(resp) => resp,
         Err(e) => meta_error(&MetaError::Hub(e)),
-    }
+    };
+    // The node's own HF routes are counted by their route layer, this fallback here.
+    state.metrics.count_hf_request(resp.status().as_u16());
+    resp
 }
 
 /// Sends `req` to the Hub as it came and returns the Hub's answer as it came, its links to the
@@ -55,27 +59,24 @@ pub(super) async fn pass(state: &ApiState, req: Request) -> Result<Response, Hub
     let (parts, body) = req.into_parts();
     let mut headers = without_hop_by_hop(&parts.headers);
     headers.remove(header::HOST);
-    headers.remove("keep-alive");
     if matches!(state.hub_auth(&parts.headers), Auth::Node) {
         headers.remove(header::AUTHORIZATION);
     }
     let body = reqwest::Body::wrap_stream(body.into_data_stream());
     let hub = state.fetcher.meta.hub();
     let answer = hub.pass_on(parts.method, &path, headers, body).await?;
-    state.metrics.count_hf_request(answer.status().as_u16());
     let (status, mut headers) = (answer.status(), without_hop_by_hop(answer.headers()));
-    headers.remove("keep-alive");
     if let Some(host) = parts
         .headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
     {
-        let node = format!("http://{host}");
+        let (hub, node) = (format!("{}/", hub.endpoint()), format!("http://{host}/"));
         for name in [header::LINK, header::LOCATION] {
             let here = headers
                 .get(&name)
                 .and_then(|v| v.to_str().ok())
-                .map(|v| v.replace(hub.endpoint(), &node))
+                .map(|v| v.replace(&hub, &node))
                 .and_then(|v| HeaderValue::from_str(&v).ok());
             if let Some(here) = here {
                 headers.insert(name, here);
@@ -93,5 +94,6 @@ fn without_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
     for name in &HOP_BY_HOP {
         out.remove(name);
     }
+    out.remove("keep-alive");
     out
 }
