@@ -642,6 +642,18 @@ fn moved_repos_are_redirected_as_the_hub_redirects_them_also_offline() {
     for path in [&paths[1], &paths[2]] {
         assert_eq!(location(s.node.api, path).0, 307, "offline: {path}");
     }
+    // And after a restart, from the store.
+    s.node.child.kill().unwrap();
+    s.node.child.wait().unwrap();
+    let env = [("HF_ENDPOINT", s.hub.endpoint.as_str())];
+    s.node = NodeProc::start_env(&s.node.home.clone(), None, None, "127.0.0.1", &[], &env).unwrap();
+    for path in [&paths[1], &paths[2]] {
+        assert_eq!(
+            location(s.node.api, path).0,
+            307,
+            "restarted, offline: {path}"
+        );
+    }
     eprintln!(
         "moved: {} routes redirected as the Hub does, 2 of them offline",
         paths.len()
