@@ -7,8 +7,8 @@
 //!
 //! The client's own token goes to the Hub; the node's API token never leaves the node. Links
 //! to the Hub's own origin in an answer (the next page of a listing) are turned into links to
-//! the node, so that the client comes back here. Paths under `/v1/` are the node's own and
-//! are never passed on.
+//! the node, so that the client comes back here. Only the Hub's routes are passed on: not the
+//! node's own (`/v1/...`), nor a browser's `/favicon.ico`.
 
 use axum::{
     body::Body,
@@ -35,7 +35,7 @@ const HOP_BY_HOP: [header::HeaderName; 7] = [
 /// Passes a request no route of the node took on to the Hub, and the Hub's answer back.
 pub(crate) async fn pass_on(State(state): State<ApiState>, req: Request) -> Response {
     let path = req.uri().path();
-    if path.starts_with("/v1/") || path == "/v1" {
+    if !is_hub_route(path) {
         return crate::api::error(StatusCode::NOT_FOUND, format!("no such API route: {path}"));
     }
     let resp = match pass(&state, req).await {
@@ -89,6 +89,16 @@ pub(super) async fn pass(state: &ApiState, req: Request) -> Result<Response, Hub
     Ok(resp)
 }
 
+/// Whether `path` is one of the Hub's API or repo routes (`/api/...`, `/datasets/...`,
+/// `/spaces/...`, `/{org}/{name}/...`), not the node's own (`/v1/...`) nor a page's stray
+/// request (`/favicon.ico`), which must not reach the Hub.
+fn is_hub_route(path: &str) -> bool {
+    let prefixes = ["/api/", "/datasets/", "/spaces/"];
+    let own = path.starts_with("/v1/") || path == "/v1";
+    let repo_route = path.trim_start_matches('/').splitn(3, '/').count() == 3;
+    !own && (prefixes.iter().any(|p| path.starts_with(p)) || repo_route)
+}
+
 fn without_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
     let mut out = headers.clone();
     for name in &HOP_BY_HOP {
@@ -96,4 +106,25 @@ fn without_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
     }
     out.remove("keep-alive");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_hub_route;
+
+    #[test]
+    fn only_the_hubs_routes_are_passed_on() {
+        for path in [
+            "/api/whoami-v2",
+            "/api/datasets/org/data/revision/main",
+            "/datasets/org/data/resolve/main/a.csv",
+            "/org/name/commits/main",
+            "/org/name.git/info/lfs/objects/batch",
+        ] {
+            assert!(is_hub_route(path), "{path}");
+        }
+        for path in ["/v1/nothing", "/v1", "/favicon.ico", "/org/name", "/"] {
+            assert!(!is_hub_route(path), "{path}");
+        }
+    }
 }
