@@ -655,7 +655,7 @@ fn moved_repos_are_redirected_as_the_hub_redirects_them_also_offline() {
         );
     }
     eprintln!(
-        "moved: {} routes redirected as the Hub does, 2 of them offline",
+        "moved: {} routes redirected as the Hub does, 2 of them offline, also after a restart",
         paths.len()
     );
 }

@@ -17,6 +17,7 @@ use axum::{
 };
 
 use super::{hf_error, meta_error, ApiState};
+use crate::hf::RepoRef;
 
 /// A response's mark that its repo moved: the middleware turns it into the redirect, since
 /// only it knows the request's path.
@@ -89,11 +90,8 @@ fn one_part_repo(path: &str) -> Option<&str> {
         let one_part = segs.len() >= 4 && segs[1] == "resolve";
         (segs[0], two_part || !one_part)
     };
-    let valid = !id.is_empty()
-        && !id.starts_with('.')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    // A valid id as `mesh fetch hf://{id}` takes it.
+    let valid = RepoRef::parse(&format!("hf://{id}")).is_some_and(|r| r.repo == id);
     (valid && !two_part).then_some(id)
 }
 
