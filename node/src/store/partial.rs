@@ -69,6 +69,10 @@ pub struct PartialBlob {
     state_changed: Condvar,
     /// Writers hold it shared while they write; completion takes it exclusively.
     io_gate: std::sync::RwLock<()>,
+    /// One writer at a time into `data` and `outboard`: the file system serialises buffered
+    /// writes to one file anyway (the inode lock), and a thread waiting here sleeps, where one
+    /// waiting on the inode lock spins while the holder copies.
+    writer: Mutex<()>,
     /// Wakes subscribers after every verified write, so they can advertise new pieces at once.
     /// Its value counts the changes to `pending`, which they pass on sooner.
     changed: tokio::sync::watch::Sender<u64>,
@@ -166,6 +170,7 @@ impl PartialBlob {
             }),
             state_changed: Condvar::new(),
             io_gate: std::sync::RwLock::new(()),
+            writer: Mutex::new(()),
             changed: tokio::sync::watch::channel(0).0,
             node: rand::random::<u64>().max(1),
         })
@@ -358,8 +363,12 @@ impl PartialBlob {
             .iter()
             .map(|(at, bytes)| (*at, &bytes[..]))
             .collect();
-        gather::write_pieces(&self.outboard, pairs).map_err(|e| self.write_failed("obao", e))?;
-        gather::write_pieces(&self.data, leaves).map_err(|e| self.write_failed("data", e))?;
+        {
+            let _writer = self.writer.lock().expect("writer poisoned");
+            gather::write_pieces(&self.outboard, pairs)
+                .map_err(|e| self.write_failed("obao", e))?;
+            gather::write_pieces(&self.data, leaves).map_err(|e| self.write_failed("data", e))?;
+        }
         if added.is_empty() {
             return Ok(written);
         }
