@@ -577,6 +577,26 @@ fn gated_repos_need_a_token_the_hub_accepts_and_foreign_hosts_are_refused() {
     let requests = s.hub.stats()["requests"].to_string();
     assert!(requests.contains(&format!("GET {data} 200")), "{requests}");
     assert!(!requests.contains("/v1/nothing"), "{requests}");
+    // A read passed on with it is the node owner's: it goes with the node's HF token if the
+    // node has one (the expanded listing `hf models ls` asks for), else with none.
+    let expand = format!("/api/models/{GATED}/tree/main?expand=true");
+    assert_eq!(
+        raw_status(s.node.api, "GET", &expand, Some(owner), None).0,
+        401
+    );
+    let env = [
+        ("HF_ENDPOINT", s.hub.endpoint.as_str()),
+        ("HF_TOKEN", TOKEN),
+    ];
+    let home = s.tmp.path().join("owned");
+    let with_token = NodeProc::start_env(&home, None, None, "127.0.0.1", &[], &env).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.join("node.json")).unwrap()).unwrap();
+    let owner = info["token"].as_str().unwrap();
+    assert_eq!(
+        raw_status(with_token.api, "GET", &expand, Some(owner), None),
+        (200, String::new())
+    );
     // A page that made its own name resolve to 127.0.0.1 (DNS rebinding) gets nothing.
     assert_eq!(status(Some(TOKEN), Some("attacker.example")).0, 403);
     assert_eq!(
@@ -590,7 +610,9 @@ fn gated_repos_need_a_token_the_hub_accepts_and_foreign_hosts_are_refused() {
         .0,
         403
     );
-    eprintln!("gated: no token 401 GatedRepo, wrong token 403 GatedRepo, foreign Host 403");
+    eprintln!(
+        "gated: no token 401 GatedRepo, wrong token 403 GatedRepo, foreign Host 403, the owner's read passed on with the node's HF token"
+    );
 }
 
 /// A repo the Hub moved is redirected by the node as the stand-in redirects it, to the same

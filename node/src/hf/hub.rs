@@ -262,19 +262,24 @@ impl Hub {
 
     /// Sends a client's request on to the Hub as it came (`path_and_query` on the endpoint),
     /// once, and returns the Hub's answer as it came: a redirect is not followed, since the
-    /// client follows it (to the CDN, with no token) itself.
+    /// client follows it (to the CDN, with no token) itself. With `as_node`, it goes with the
+    /// node owner's token (if there is one) in place of any the headers carry.
     pub async fn pass_on(
         &self,
         method: reqwest::Method,
         path_and_query: &str,
         headers: reqwest::header::HeaderMap,
         body: reqwest::Body,
+        as_node: bool,
     ) -> Result<reqwest::Response, HubError> {
         if self.offline {
             return Err(HubError::Offline);
         }
         let url = format!("{}{path_and_query}", self.endpoint);
-        let req = self.raw.request(method, &url).headers(headers).body(body);
+        let mut req = self.raw.request(method, &url).headers(headers).body(body);
+        if let Some(token) = self.token.as_deref().filter(|_| as_node) {
+            req = req.bearer_auth(token);
+        }
         req.send().await.map_err(|e| {
             if retry::retryable_error(&e) {
                 self.unreachable(e)

@@ -5,7 +5,9 @@
 //! (the client follows a redirect to the CDN itself). Nothing of it is kept or shared in the
 //! mesh; only models are.
 //!
-//! The client's own token goes to the Hub; the node's API token never leaves the node. Links
+//! The client's own token goes to the Hub; the node's API token never leaves the node: a read
+//! (`GET`, `HEAD`) that carried it goes with the node owner's HF token instead, if the node
+//! has one, and anything else without a token. Links
 //! to the Hub's own origin in an answer (the next page of a listing) are turned into links to
 //! the node, so that the client comes back here. Only the Hub's routes are passed on: not the
 //! node's own (`/v1/...`), nor a browser's `/favicon.ico`.
@@ -13,7 +15,7 @@
 use axum::{
     body::Body,
     extract::{Request, State},
-    http::{header, HeaderMap, HeaderValue, StatusCode},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
     response::Response,
 };
 
@@ -59,12 +61,19 @@ pub(super) async fn pass(state: &ApiState, req: Request) -> Result<Response, Hub
     let (parts, body) = req.into_parts();
     let mut headers = without_hop_by_hop(&parts.headers);
     headers.remove(header::HOST);
-    if matches!(state.hub_auth(&parts.headers), Auth::Node) {
+    // The node's API token never leaves the node. A read that carried it is the node owner's,
+    // and goes with the owner's HF token, as the node's own downloads do; anything else (an
+    // upload) goes without a token.
+    let owner = matches!(state.hub_auth(&parts.headers), Auth::Node);
+    if owner {
         headers.remove(header::AUTHORIZATION);
     }
+    let as_node = owner && matches!(parts.method, Method::GET | Method::HEAD);
     let body = reqwest::Body::wrap_stream(body.into_data_stream());
     let hub = state.fetcher.meta.hub();
-    let answer = hub.pass_on(parts.method, &path, headers, body).await?;
+    let answer = hub
+        .pass_on(parts.method, &path, headers, body, as_node)
+        .await?;
     let (status, mut headers) = (answer.status(), without_hop_by_hop(answer.headers()));
     if let Some(host) = parts
         .headers
