@@ -558,10 +558,8 @@ fn gated_repos_need_a_token_the_hub_accepts_and_foreign_hosts_are_refused() {
     // Cached metadata and content are no key either: a request without a token is refused.
     assert_eq!(status(None, None), (401, "GatedRepo".into()));
     // The node owner's API token opens it.
-    let info: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.node.home.join("node.json")).unwrap())
-            .unwrap();
-    let owner = info["token"].as_str().unwrap();
+    let owner = api_token(&s.node.home);
+    let owner = owner.as_str();
     assert_eq!(status(Some(owner), None), (200, String::new()));
     // It opens the node, never the Hub: a request passed on goes without it (the stand-in
     // answers 401 to a token that is no HF token).
@@ -590,11 +588,14 @@ fn gated_repos_need_a_token_the_hub_accepts_and_foreign_hosts_are_refused() {
     ];
     let home = s.tmp.path().join("owned");
     let with_token = NodeProc::start_env(&home, None, None, "127.0.0.1", &[], &env).unwrap();
-    let info: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(home.join("node.json")).unwrap()).unwrap();
-    let owner = info["token"].as_str().unwrap();
     assert_eq!(
-        raw_status(with_token.api, "GET", &expand, Some(owner), None),
+        raw_status(
+            with_token.api,
+            "GET",
+            &expand,
+            Some(&api_token(&home)),
+            None
+        ),
         (200, String::new())
     );
     // A page that made its own name resolve to 127.0.0.1 (DNS rebinding) gets nothing.
@@ -613,6 +614,13 @@ fn gated_repos_need_a_token_the_hub_accepts_and_foreign_hosts_are_refused() {
     eprintln!(
         "gated: no token 401 GatedRepo, wrong token 403 GatedRepo, foreign Host 403, the owner's read passed on with the node's HF token"
     );
+}
+
+/// The API token of the node on `home`, from its `node.json`.
+fn api_token(home: &Path) -> String {
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.join("node.json")).unwrap()).unwrap();
+    info["token"].as_str().unwrap().to_string()
 }
 
 /// A repo the Hub moved is redirected by the node as the stand-in redirects it, to the same
