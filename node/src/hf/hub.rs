@@ -268,7 +268,7 @@ impl Hub {
         &self,
         method: reqwest::Method,
         path_and_query: &str,
-        headers: reqwest::header::HeaderMap,
+        mut headers: reqwest::header::HeaderMap,
         body: reqwest::Body,
         as_node: bool,
     ) -> Result<reqwest::Response, HubError> {
@@ -276,8 +276,12 @@ impl Hub {
             return Err(HubError::Offline);
         }
         let url = format!("{}{path_and_query}", self.endpoint);
+        let token = self.token.as_deref().filter(|_| as_node);
+        if token.is_some() {
+            headers.remove(reqwest::header::AUTHORIZATION);
+        }
         let mut req = self.raw.request(method, &url).headers(headers).body(body);
-        if let Some(token) = self.token.as_deref().filter(|_| as_node) {
+        if let Some(token) = token {
             req = req.bearer_auth(token);
         }
         req.send().await.map_err(|e| {

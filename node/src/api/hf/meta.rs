@@ -177,15 +177,15 @@ async fn tree_or_pass(
     req: Request,
 ) -> Response {
     let q = pairs(req.uri().query());
-    let headers = req.headers().clone();
-    if truthy(&q, "expand") {
-        match super::pass::pass(state, req).await {
-            Ok(resp) => return resp,
-            Err(e) if !e.is_unreachable() => return meta_error(&MetaError::Hub(e)),
-            Err(_) => {}
-        }
+    if !truthy(&q, "expand") {
+        return tree_impl(state, repo, rev, dir, &q, req.headers()).await;
     }
-    tree_impl(state, repo, rev, dir, &q, &headers).await
+    let headers = req.headers().clone();
+    match super::pass::pass(state, req).await {
+        Ok(resp) => resp,
+        Err(e) if !e.is_unreachable() => meta_error(&MetaError::Hub(e)),
+        Err(_) => tree_impl(state, repo, rev, dir, &q, &headers).await,
+    }
 }
 
 async fn tree_impl(

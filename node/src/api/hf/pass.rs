@@ -7,10 +7,10 @@
 //!
 //! The client's own token goes to the Hub; the node's API token never leaves the node: a read
 //! (`GET`, `HEAD`) that carried it goes with the node owner's HF token instead, if the node
-//! has one, and anything else without a token. Links
-//! to the Hub's own origin in an answer (the next page of a listing) are turned into links to
-//! the node, so that the client comes back here. Only the Hub's routes are passed on: not the
-//! node's own (`/v1/...`), nor a browser's `/favicon.ico`.
+//! has one, and anything else without a token. Links to the Hub's own origin in an answer (the
+//! next page of a listing) are turned into links to the node, so that the client comes back
+//! here. Only the Hub's routes are passed on: not the node's own (`/v1/...`), nor a browser's
+//! `/favicon.ico`.
 
 use axum::{
     body::Body,
